@@ -1,0 +1,5 @@
+import sys
+
+from serialmuxd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,72 @@
+"""The one small interface every UART backend implements.
+
+Data flows one way: a backend pushes guest output to its sink (the console) per
+chunk; keystrokes come back through :meth:`Backend.write`.  A backend owns its
+own reconnect loop: :meth:`Backend.run` runs from daemon start to stop and never
+returns while the daemon wants the console.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Protocol
+
+
+class BackendSink(Protocol):
+    """What a backend feeds: implemented by :class:`serialmuxd.console.Console`."""
+
+    def on_data(self, data: bytes) -> None:
+        """Guest output, one chunk as read.  Must not block and must not raise."""
+
+    def on_state(self, up: bool, reason: str) -> None:
+        """The link came up (``up=True``) or went down, with a short reason."""
+
+
+class Backend(abc.ABC):
+    """A UART link to one guest.
+
+    ``spec`` is the console's ``uart`` string as configured (``unix:/p``,
+    ``/dev/ttyS1``, ``socket://…``, ``demo:``).
+    """
+
+    #: actions this backend can do itself, a subset of {"break"}
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self, spec: str, sink: BackendSink) -> None:
+        self.spec = spec
+        self.sink = sink
+
+    @property
+    @abc.abstractmethod
+    def up(self) -> bool:
+        """True while the UART link is connected."""
+
+    @abc.abstractmethod
+    async def run(self) -> None:
+        """Connect, read, and reconnect with capped back-off until cancelled."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Queue keystrokes to the guest.  Raises BackendDown when not connected."""
+
+    @abc.abstractmethod
+    async def drain(self) -> None:
+        """Wait while the link's write buffer is above its high-water mark.
+
+        Keystrokes get ordinary back-pressure: the session stops reading its
+        client until this returns.
+        """
+
+    @property
+    def congested(self) -> bool:
+        """True while keystrokes are queued above the high-water mark."""
+        return False
+
+    async def send_break(self) -> None:
+        """Send a serial BREAK.  Raises ActionUnsupported when the link can't."""
+        from serialmuxd.errors import ActionUnsupported
+
+        raise ActionUnsupported(f"the {self.spec} backend cannot send a serial BREAK")
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the link; called once on shutdown after run() is cancelled."""

@@ -1,0 +1,154 @@
+"""Shared reconnect loop for stream backends (unix socket, TCP, serial ports).
+
+A backend subclass only says how to open one connection; this module owns the
+state, the capped exponential back-off, the wake-up on socket creation and the
+write-side flow control.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from typing import Any
+
+from serialmuxd.backends.base import Backend, BackendSink
+from serialmuxd.errors import BackendDown
+from serialmuxd.watch import DirWatcher
+
+BACKOFF_FIRST_S = 0.05
+BACKOFF_CAP_S = 1.0
+# Keystrokes queue in the transport up to this before the session stops reading.
+WRITE_HIGH_WATER = 64 * 1024
+
+
+class UartProtocol(asyncio.Protocol):
+    """Feeds the sink per chunk as the loop reads it; no per-byte work."""
+
+    def __init__(self, backend: LinkBackend) -> None:
+        self._backend = backend
+        self._on_data = backend.sink.on_data
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._resume: asyncio.Event = asyncio.Event()
+        self._resume.set()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too: the VM went away
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._resume.set()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._resume.clear()
+
+    def resume_writing(self) -> None:
+        self._resume.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    async def drain(self) -> None:
+        await self._resume.wait()
+
+
+class LinkBackend(Backend):
+    """Connect, read until the link drops, back off, repeat — until cancelled."""
+
+    #: a path whose creation should wake the reconnect loop early, if any
+    watch_path: str | None = None
+
+    def __init__(self, spec: str, sink: BackendSink, *, watcher: DirWatcher | None = None) -> None:
+        super().__init__(spec, sink)
+        self._proto: UartProtocol | None = None
+        self._watcher = watcher
+        self.last_error = ""
+
+    @property
+    def up(self) -> bool:
+        return self._proto is not None
+
+    @abc.abstractmethod
+    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+        """Open one connection; raise OSError (or ValueError) with the reason when it fails."""
+
+    async def run(self) -> None:
+        wake = asyncio.Event()
+        if self._watcher is not None and self.watch_path:
+            self._watcher.register(self.watch_path, wake)
+        delay = BACKOFF_FIRST_S
+        try:
+            while True:
+                wake.clear()
+                try:
+                    _, proto = await self.open()
+                except (OSError, ValueError) as e:
+                    reason = describe_error(e)
+                    if reason != self.last_error:
+                        self.last_error = reason
+                    self.sink.on_state(False, reason)
+                    try:
+                        await asyncio.wait_for(wake.wait(), delay)
+                        delay = BACKOFF_FIRST_S  # the socket appeared: try at once, then quickly
+                    except TimeoutError:
+                        delay = min(delay * 2, BACKOFF_CAP_S)
+                    continue
+                delay = BACKOFF_FIRST_S
+                self.last_error = ""
+                self._proto = proto
+                self.sink.on_state(True, "connected")
+                try:
+                    await proto.closed
+                finally:
+                    self._proto = None
+                    if proto.transport is not None:
+                        proto.transport.abort()
+                self.sink.on_state(False, "the VM closed the serial link")
+        finally:
+            if self._watcher is not None and self.watch_path:
+                self._watcher.unregister(self.watch_path, wake)
+            proto_now = self._proto
+            if proto_now is not None and proto_now.transport is not None:
+                proto_now.transport.abort()
+            self._proto = None
+
+    @property
+    def congested(self) -> bool:
+        proto = self._proto
+        return proto is not None and proto.paused
+
+    def write(self, data: bytes) -> None:
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            raise BackendDown(f"the serial link {self.spec} is not connected")
+        proto.transport.write(data)
+
+    async def drain(self) -> None:
+        proto = self._proto
+        if proto is not None:
+            await proto.drain()
+
+    def transport(self) -> Any:
+        return None if self._proto is None else self._proto.transport
+
+
+def describe_error(e: BaseException) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "the serial socket does not exist (VM not running?)"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused (VM not running, or another client holds the serial socket)"
+    if isinstance(e, PermissionError):
+        return "permission denied on the serial socket: add the daemon's user to its group"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__

@@ -1,0 +1,39 @@
+"""QEMU's socket chardev (``unix:/path``) and raw TCP serial servers (``tcp:host:port``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from serialmuxd.backends.base import BackendSink
+from serialmuxd.backends.link import LinkBackend, UartProtocol
+from serialmuxd.config import validate_listen
+from serialmuxd.watch import DirWatcher
+
+
+class UnixSocketBackend(LinkBackend):
+    """The daemon is the single client of ``-chardev socket,server=on``."""
+
+    def __init__(self, spec: str, sink: BackendSink, *, watcher: DirWatcher | None = None) -> None:
+        super().__init__(spec, sink, watcher=watcher)
+        self.path = spec.removeprefix("unix:")
+        self.watch_path = self.path
+
+    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_unix_connection(lambda: UartProtocol(self), self.path)
+        return transport, proto
+
+
+class TcpBackend(LinkBackend):
+    """A raw TCP serial server (ser2net ``raw`` port, a BMC's serial-over-TCP)."""
+
+    def __init__(self, spec: str, sink: BackendSink, *, watcher: DirWatcher | None = None) -> None:
+        super().__init__(spec, sink, watcher=watcher)
+        self.host, self.port = validate_listen(spec.removeprefix("tcp:"))
+
+    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+        loop = asyncio.get_running_loop()
+        transport, proto = await asyncio.wait_for(
+            loop.create_connection(lambda: UartProtocol(self), self.host, self.port), 5
+        )
+        return transport, proto

@@ -1,0 +1,422 @@
+"""The console hub: one per VM.
+
+Data flows one way: backend → console → (ring log, active session, watchers).
+Keystrokes flow back only from the active session: session → console →
+backend.  Nothing else touches a backend or a ring log directly.
+
+The hot path is :meth:`Console.on_data`: one ring append and one non-blocking
+``deliver`` per attached client, per chunk.  Counters are plain integers read
+at scrape time, so a console nobody watches costs a memcpy per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+
+from serialmuxd.backends.base import Backend
+from serialmuxd.config import ConsoleConfig
+from serialmuxd.errors import ActionUnsupported, BackendDown, SerialmuxdError
+from serialmuxd.ringlog import RingLog
+from serialmuxd.session import Ending, EndReason, Mode, Session
+
+log = structlog.get_logger("serialmuxd.console")
+
+# Magic SysRq command keys (Documentation/admin-guide/sysrq.rst).
+SYSRQ_KEYS = "0123456789bcdefghijklmnopqrstuvwxyz"
+SYSRQ_GAP_S = 0.1
+
+
+class QmpLink(Protocol):
+    """What the console needs from a VM's QMP connection (see qmp.py)."""
+
+    async def send_break(self, chardev: str) -> None: ...
+    async def nmi(self) -> None: ...
+    async def reset(self) -> None: ...
+
+
+class ConsoleUnavailable(SerialmuxdError):
+    """Attach or action refused; ``code`` is the API error code (disabled, stopped…)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Seat:
+    """Pure takeover state: who holds the keyboard, who watches.
+
+    Last writer wins: a new interactive attach always gets the seat and the
+    previous holder is returned so the caller can tell it who took over.
+    """
+
+    active: str | None = None
+    watchers: set[str] = field(default_factory=set)
+
+    def sit(self, session_id: str) -> str | None:
+        previous = self.active
+        self.active = session_id
+        return previous if previous != session_id else None
+
+    def watch(self, session_id: str) -> None:
+        self.watchers.add(session_id)
+
+    def leave(self, session_id: str) -> bool:
+        """Remove a session; True when it held the seat."""
+        self.watchers.discard(session_id)
+        if self.active == session_id:
+            self.active = None
+            return True
+        return False
+
+
+@dataclass
+class Counters:
+    """Read at scrape time by the metrics collector; bumped per chunk."""
+
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    reconnects: int = 0
+    sessions: int = 0
+    takeovers: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+# (event, console, fields) -> None; the audit log hooks in here.  Fields hold
+# user, peer, session and event-specific keys such as reason or from_user.
+EventHook = Callable[[str, "Console", dict[str, object]], None]
+
+
+class Console:
+    def __init__(
+        self,
+        cfg: ConsoleConfig,
+        ring: RingLog,
+        backend_factory: Callable[[str, Console], Backend],
+        *,
+        on_event: EventHook | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.ring = ring
+        self.counters = Counters()
+        self.backend: Any = backend_factory(cfg.uart, self)
+        self.enabled = True
+        self.service_enabled = True
+        self.up = False
+        self.down_reason = "not connected yet"
+        self.up_since: float | None = None
+        self.vm_status: str | None = None
+        self.qmp: QmpLink | None = None  # from QMP query-status when there is a QMP link
+        self._seen_up = False
+        self._seat = Seat()
+        self._active: Session | None = None
+        self._watchers: dict[str, Session] = {}
+        self._on_event = on_event
+        self._task: asyncio.Task[None] | None = None
+        self._log = log.bind(console=self.name)
+
+    # --- lifecycle --------------------------------------------------------
+
+    def start(self) -> asyncio.Task[None]:
+        """Start draining the UART; the task runs until :meth:`stop`."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"backend:{self.name}")
+        return self._task
+
+    async def _run(self) -> None:
+        try:
+            await self.backend.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A backend bug must not take the daemon down; the console shows stopped.
+            self._log.exception("backend_crashed")
+            self.on_state(False, "backend failed; see the daemon log")
+
+    async def stop(self, ending: Ending) -> None:
+        self.end_all(ending)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        try:
+            await self.backend.close()
+        except Exception:
+            self._log.exception("backend_close_failed")
+        self.ring.flush()
+
+    # --- backend side (BackendSink) ----------------------------------------
+
+    def on_data(self, data: bytes) -> None:
+        self.ring.append(data)
+        self.counters.rx_bytes += len(data)
+        active = self._active
+        if active is not None and not active.deliver(data):
+            self._drop(active)
+        if self._watchers:
+            for w in list(self._watchers.values()):
+                if not w.deliver(data):
+                    self._drop(w)
+
+    def on_state(self, up: bool, reason: str) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if up:
+            if self.up_since is not None or self._seen_up:
+                self.counters.reconnects += 1
+            self._seen_up = True
+            self.up_since = time.time()
+            self.down_reason = ""
+        else:
+            self.down_reason = reason
+            self.up_since = None
+        self._log.info("backend_up" if up else "backend_down", reason=reason)
+        state = self.state
+        for s in self.sessions():
+            s.state_changed(state)
+        self._emit("backend_up" if up else "backend_down", None, {"reason": reason})
+
+    # --- state ------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        if not (self.enabled and self.service_enabled):
+            return "disabled"
+        if not self.up:
+            return "stopped"
+        if self.vm_status is not None and self.vm_status not in {"running", "debug"}:
+            return "stopped"
+        return "running"
+
+    @property
+    def active(self) -> Session | None:
+        return self._active
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._watchers)
+
+    def sessions(self) -> list[Session]:
+        out = list(self._watchers.values())
+        if self._active is not None:
+            out.append(self._active)
+        return out
+
+    def disabled_message(self) -> str:
+        if not self.service_enabled:
+            return (
+                "console service is disabled: an owner can enable it with "
+                "POST /api/v1/service/enable (or `serialmuxd enable`)"
+            )
+        return (
+            f"console {self.name} is disabled: an owner can enable it with "
+            f"POST /api/v1/consoles/{self.name}/enable (or `serialmuxd enable {self.name}`)"
+        )
+
+    def stopped_message(self) -> str:
+        return f"console {self.name} is stopped: start the VM and retry"
+
+    # --- sessions ---------------------------------------------------------
+
+    def attach(self, session: Session) -> tuple[int, bytes]:
+        """Attach a client; returns (offset, replay bytes) to show before live output.
+
+        Runs without awaiting, so the replay and the live stream meet exactly:
+        no byte is shown twice or skipped.
+        """
+        if not (self.enabled and self.service_enabled):
+            raise ConsoleUnavailable("disabled", self.disabled_message())
+        replay_n = self.cfg.settings.replay_bytes
+        start, replay, _ = self.ring.read(-replay_n if replay_n else self.ring.next, None)
+        if session.mode is Mode.WATCH:
+            self._seat.watch(session.id)
+            self._watchers[session.id] = session
+            self._emit("watch", session, {})
+            return start, replay
+        previous_id = self._seat.sit(session.id)
+        previous = self._active
+        self._active = session
+        self.counters.sessions += 1
+        if previous is not None and previous_id == previous.id:
+            self.counters.takeovers += 1
+            self._emit("takeover", session, {"from_user": previous.user, "from_peer": previous.peer})
+            previous.end(Ending(EndReason.TAKEN_OVER, by=session.user, peer=session.peer))
+            self._send_detach_sequence()
+        else:
+            self._emit("attach", session, {})
+        return start, replay
+
+    def follow(self, session: Session, start: int | None) -> tuple[int, bytes, bool]:
+        """Register a read-only follower from offset ``start`` (None = oldest kept).
+
+        Returns what the ring holds from there; live output follows with no gap.
+        """
+        if not (self.enabled and self.service_enabled):
+            raise ConsoleUnavailable("disabled", self.disabled_message())
+        first, data, truncated = self.ring.read(start, None)
+        self._seat.watch(session.id)
+        self._watchers[session.id] = session
+        self._emit("watch", session, {})
+        return first, data, truncated
+
+    def detach(self, session: Session, reason: EndReason = EndReason.CLIENT_LEFT) -> None:
+        """Forget a session (idempotent); sends the detach sequence if it held the seat."""
+        if self._watchers.pop(session.id, None) is not None:
+            self._seat.leave(session.id)
+            self._emit("detach", session, {"reason": reason.label})
+            return
+        if self._active is session:
+            self._seat.leave(session.id)
+            self._active = None
+            self._emit("detach", session, {"reason": reason.label})
+            self._send_detach_sequence()
+
+    def _drop(self, session: Session) -> None:
+        self.counters.drop(EndReason.TOO_SLOW.label)
+        self._log.warning("session_too_slow", session=session.id, user=session.user, peer=session.peer)
+        session.end(
+            Ending(
+                EndReason.TOO_SLOW,
+                message="your connection could not keep up with the console output; reconnect to resume",
+            )
+        )
+        self.detach(session, EndReason.TOO_SLOW)
+
+    def end_all(self, ending: Ending) -> None:
+        for s in self.sessions():
+            s.end(ending)
+            self.detach(s, ending.reason)
+
+    def check_idle(self, now: float) -> None:
+        limit = self.cfg.settings.idle_timeout_s
+        s = self._active
+        if limit > 0 and s is not None and now - s.last_input >= limit:
+            s.end(Ending(EndReason.IDLE, message=f"no keystroke for {limit:g} s: session closed"))
+            self.detach(s, EndReason.IDLE)
+
+    def _send_detach_sequence(self) -> None:
+        seq = self.cfg.settings.detach_sequence
+        if seq and self.backend.up:
+            try:
+                self.backend.write(seq)
+                self.counters.tx_bytes += len(seq)
+            except BackendDown:
+                pass
+
+    # --- keystrokes -------------------------------------------------------
+
+    def write(self, session: Session, data: bytes) -> None:
+        """Keystrokes from ``session``; ignored unless it holds the seat."""
+        if session is not self._active:
+            return
+        session.last_input = time.monotonic()
+        if not self.backend.up:
+            return  # VM stopped: typing into the void, as on a real unplugged line
+        try:
+            self.backend.write(data)
+        except BackendDown:
+            return
+        self.counters.tx_bytes += len(data)
+
+    @property
+    def backend_congested(self) -> bool:
+        return bool(self.backend.congested)
+
+    async def drain(self) -> None:
+        await self.backend.drain()
+
+    # --- actions (break, sysrq, nmi, reset) -----------------------------------
+
+    def _require_running(self) -> None:
+        if not (self.enabled and self.service_enabled):
+            raise ConsoleUnavailable("disabled", self.disabled_message())
+        if not self.up:
+            raise ConsoleUnavailable("stopped", self.stopped_message())
+
+    async def send_break(self) -> None:
+        self._require_running()
+        if self.qmp is not None:
+            await self.qmp.send_break(self.cfg.qmp_chardev)
+        elif "break" in self.backend.capabilities:
+            await self.backend.send_break()
+        else:
+            raise ActionUnsupported(
+                f"console {self.name} cannot send a serial BREAK: its backend {self.cfg.uart} has no "
+                'break signal; add qmp = "unix:/path" (the VM\'s QMP socket) to its config'
+            )
+
+    async def sysrq(self, key: str) -> None:
+        if len(key) != 1 or key not in SYSRQ_KEYS:
+            raise ValueError(f"{key!r} is not a SysRq key: use one of {SYSRQ_KEYS}")
+        await self.send_break()
+        # The guest's 8250 driver needs the BREAK to land before the key does.
+        await asyncio.sleep(SYSRQ_GAP_S)
+        self.backend.write(key.encode())
+        self.counters.tx_bytes += 1
+
+    async def nmi(self) -> None:
+        self._require_running()
+        if self.qmp is not None:
+            await self.qmp.nmi()
+        elif "nmi" in self.backend.capabilities:
+            await self.backend.nmi()
+        else:
+            raise ActionUnsupported(
+                f"console {self.name} cannot inject an NMI: that needs the VM's QMP socket "
+                '(qmp = "unix:/path" in its config)'
+            )
+
+    async def reset(self) -> None:
+        self._require_running()
+        if self.qmp is not None:
+            await self.qmp.reset()
+        elif "reset" in self.backend.capabilities:
+            await self.backend.reset()
+        else:
+            raise ActionUnsupported(
+                f"console {self.name} cannot reset the VM: that needs the VM's QMP socket "
+                '(qmp = "unix:/path" in its config)'
+            )
+
+    # --- switches ---------------------------------------------------------
+
+    def set_enabled(self, enabled: bool, *, service: bool = False) -> None:
+        if service:
+            self.service_enabled = enabled
+        else:
+            self.enabled = enabled
+        if not (self.enabled and self.service_enabled):
+            self.end_all(Ending(EndReason.DISABLED, message=self.disabled_message()))
+
+    # --- events -----------------------------------------------------------
+
+    def audit_action(
+        self, kind: str, *, user: str, peer: str, session_id: str | None, key: str | None = None
+    ) -> None:
+        extra: dict[str, object] = {"user": user, "peer": peer, "session": session_id}
+        if key is not None:
+            extra["key"] = key
+        self._emit(kind, None, extra)
+
+    def _emit(self, event: str, session: Session | None, extra: dict[str, object]) -> None:
+        if self._on_event is not None:
+            fields: dict[str, object] = {}
+            if session is not None:
+                fields = {"user": session.user, "peer": session.peer, "session": session.id}
+            fields.update(extra)
+            try:
+                self._on_event(event, self, fields)
+            except Exception:
+                self._log.exception("event_hook_failed", event=event)

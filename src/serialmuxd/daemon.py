@@ -1,0 +1,536 @@
+"""The daemon's lifecycle: start-up, serve, reload, ordered shutdown.
+
+Modelled on uvicorn's ``Server``: ``serve()`` = ``startup()``, wait for the
+shutdown trigger (signals in production, an injected awaitable in tests),
+``shutdown()`` with a deadline.  Every task the daemon starts is tracked here
+and cancelled on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import secrets
+import signal
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from serialmuxd import __version__
+from serialmuxd.audit import AuditLog
+from serialmuxd.auth import Authenticator, FailureLimiter
+from serialmuxd.backends import make_backend
+from serialmuxd.backends.base import Backend
+from serialmuxd.config import Config, ConsoleConfig, load_config, validate_listen
+from serialmuxd.console import Console
+from serialmuxd.errors import ConfigError, SerialmuxdError
+from serialmuxd.loop import loop_name
+from serialmuxd.metrics import Metrics
+from serialmuxd.notify import sd_notify
+from serialmuxd.ringlog import RingLog
+from serialmuxd.session import Ending, EndReason, Session
+from serialmuxd.switches import Switches
+from serialmuxd.watch import DirWatcher
+
+log = structlog.get_logger("serialmuxd.daemon")
+
+HOUSEKEEPING_S = 1.0
+FLUSH_EVERY_S = 30.0
+
+
+class StartupError(SerialmuxdError):
+    """The daemon cannot start (port in use, unwritable state dir…)."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A listener as actually bound (port 0 in tests is read back from here)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
+
+
+def server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+        if client_ca:
+            ctx.load_verify_locations(cafile=client_ca)
+            ctx.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise StartupError(
+            f"cannot load TLS files ({cert}, {key}, {client_ca or 'no client CA'}): {e}"
+        ) from e
+    return ctx
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self._shutdown_trigger = shutdown_trigger
+        self.state_dir = Path(config.daemon.state_dir)
+        self.consoles: dict[str, Console] = {}
+        self.sessions: set[Session] = set()
+        self.metrics = Metrics(lambda: self.consoles)
+        self.limiter = FailureLimiter()
+        self.auth = Authenticator(config.users, b"")
+        self.audit: AuditLog | None = None
+        self.switches: Switches | None = None
+        self.ready = False
+        self.bound: list[Bound] = []
+        self.metrics_bound: Bound | None = None
+        self.started_at = time.time()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._watcher: DirWatcher | None = None
+        self._runner: web.AppRunner | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._local_servers: dict[str, asyncio.AbstractServer] = {}
+        self._stop = asyncio.Event()
+        self._log = log
+
+    # --- task tracking ---------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("task_failed", task=task.get_name(), exc_info=task.exception())
+
+    @contextlib.contextmanager
+    def track_session(self, session: Session) -> Iterator[None]:
+        self.sessions.add(session)
+        try:
+            yield
+        finally:
+            self.sessions.discard(session)
+
+    # --- lifecycle ---------------------------------------------------------------
+
+    async def serve(self) -> None:
+        await self.startup()
+        try:
+            if self._shutdown_trigger is not None:
+                stop = asyncio.ensure_future(self._shutdown_trigger())
+                internal = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({stop, internal}, return_when=asyncio.FIRST_COMPLETED)
+                for f in (stop, internal):
+                    f.cancel()
+            else:
+                await self._stop.wait()
+        finally:
+            await self.shutdown()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn(self.reload(), name="reload"))
+
+    async def startup(self) -> None:
+        cfg = self.config
+        t0 = time.monotonic()
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        except OSError as e:
+            raise StartupError(f"cannot create state_dir {self.state_dir}: {e.strerror}") from e
+        self.auth = Authenticator(cfg.users, self._cookie_key())
+        self.switches = Switches.load(self.state_dir / "switches.json")
+        self.audit = AuditLog(self.state_dir / "audit.jsonl")
+        self._watcher = DirWatcher()
+        for ccfg in cfg.consoles:
+            self._add_console(ccfg)
+        if cfg.daemon.unix_listen_dir:
+            d = Path(cfg.daemon.unix_listen_dir)
+            try:
+                d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            except OSError as e:
+                raise StartupError(f"cannot create unix_listen_dir {d}: {e.strerror}") from e
+            for console in self.consoles.values():
+                await self._start_local(console)
+        await self._start_http()
+        self.spawn(self._housekeeping(), name="housekeeping")
+        self.ready = True
+        elapsed = time.monotonic() - t0
+        self._log.info(
+            "started",
+            version=__version__,
+            loop=loop_name(),
+            consoles=len(self.consoles),
+            listen=[b.url for b in self.bound],
+            seconds=round(elapsed, 3),
+        )
+        sd_notify("READY=1\n" + self._status_line())
+
+    def _status_line(self) -> str:
+        up = sum(1 for c in self.consoles.values() if c.up)
+        active = sum(1 for c in self.consoles.values() if c.active is not None)
+        return f"STATUS={len(self.consoles)} consoles, {up} connected, {active} interactive sessions"
+
+    def _cookie_key(self) -> bytes:
+        """A per-host secret for session cookies, kept so logins survive restarts."""
+        path = self.state_dir / "cookie.key"
+        try:
+            key = path.read_bytes()
+            if len(key) >= 32:
+                return key
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            self._log.error("cookie_key_unreadable", error=e.strerror)
+            return secrets.token_bytes(32)
+        key = secrets.token_bytes(32)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(key)
+        except OSError as e:
+            self._log.error("cookie_key_unwritable", error=e.strerror)
+        return key
+
+    def _open_ring(self, ccfg: ConsoleConfig) -> RingLog:
+        ring = RingLog.open(self.state_dir / f"{ccfg.name}.ring", ccfg.settings.ring_bytes)
+        if ring.notice:
+            self.metrics.ring_errors += 1
+            self._log.warning("ring_notice", console=ccfg.name, notice=ring.notice)
+        if ring.error:
+            self.metrics.ring_errors += 1
+            self._log.error("ring_error", console=ccfg.name, error=ring.error)
+        return ring
+
+    def _add_console(self, ccfg: ConsoleConfig) -> Console:
+        watcher = self._watcher
+
+        def factory(spec: str, sink: Console) -> Backend:
+            return make_backend(spec, sink, baud=ccfg.settings.baud, watcher=watcher)
+
+        console = Console(ccfg, self._open_ring(ccfg), factory, on_event=self._on_console_event)
+        if self.switches is not None:
+            console.enabled = ccfg.name not in self.switches.disabled
+            console.service_enabled = self.switches.service_enabled
+        self.consoles[ccfg.name] = console
+        task = console.start()
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._start_qmp(console)
+        return console
+
+    def _start_qmp(self, console: Console) -> None:
+        if console.cfg.qmp is None:
+            return
+        from serialmuxd.qmp import QmpMonitor
+
+        monitor = QmpMonitor(console, console.cfg.qmp_path or "", watcher=self._watcher)
+        console.qmp = monitor
+        self.spawn(monitor.run(), name=f"qmp:{console.name}")
+
+    async def _start_local(self, console: Console) -> None:
+        from serialmuxd.localsock import start_listener
+
+        d = Path(self.config.daemon.unix_listen_dir)
+        try:
+            server = await start_listener(self, console, d, self.config.daemon.unix_socket_group)
+        except OSError as e:
+            self._log.error("local_socket_failed", console=console.name, error=e.strerror)
+            return
+        self._local_servers[console.name] = server
+
+    async def _start_http(self) -> None:
+        from serialmuxd.web import build_app
+
+        http = self.config.http
+        ssl_ctx = server_ssl_context(http.tls_cert, http.tls_key, http.tls_client_ca) if http.tls else None
+        app = build_app(self)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        for addr in http.listen:
+            host, port = validate_listen(addr)
+            site = web.TCPSite(self._runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on {addr}: {e.strerror}") from e
+            self.bound.extend(_bound_of(site, ssl_ctx is not None))
+        if http.metrics_listen:
+            from serialmuxd.web import build_metrics_app
+
+            self._metrics_runner = web.AppRunner(
+                build_metrics_app(self), handle_signals=False, access_log=None
+            )
+            await self._metrics_runner.setup()
+            host, port = validate_listen(http.metrics_listen)
+            msite = web.TCPSite(self._metrics_runner, host, port, reuse_address=True)
+            try:
+                await msite.start()
+            except OSError as e:
+                raise StartupError(f"cannot listen on {http.metrics_listen}: {e.strerror}") from e
+            self.metrics_bound = _bound_of(msite, False)[0]
+
+    async def _housekeeping(self) -> None:
+        last_flush = time.monotonic()
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_S)
+            now = time.monotonic()
+            for c in list(self.consoles.values()):
+                c.check_idle(now)
+            if now - last_flush >= FLUSH_EVERY_S:
+                last_flush = now
+                rings = [c.ring for c in self.consoles.values()]
+                # msync off the loop: the ring is durable against a daemon crash
+                # already (page cache); this only narrows the window of a host crash.
+                await asyncio.to_thread(_flush_all, rings)
+            sd_notify(self._status_line())
+
+    async def shutdown(self) -> None:
+        if not self.ready and not self.consoles and self._runner is None:
+            return
+        self.ready = False
+        sd_notify("STOPPING=1")
+        deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
+        self._log.info("stopping", sessions=len(self.sessions))
+        # 1. stop accepting
+        for server in self._local_servers.values():
+            server.close()
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                site_server = getattr(site, "_server", None)
+                if site_server is not None:
+                    site_server.close()
+        # 2. say goodbye to every session (1001) and let the pumps send it
+        bye = Ending(EndReason.SHUTDOWN, message="serialmuxd is shutting down; reconnect when it is back")
+        for c in self.consoles.values():
+            c.end_all(bye)
+        while self.sessions and time.monotonic() < deadline - 1.5:
+            await asyncio.sleep(0.02)
+        # 3. HTTP runner: cancels what is left of the handlers
+        if self._runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._runner.cleanup(), max(0.5, deadline - time.monotonic() - 0.5))
+        if self._metrics_runner is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._metrics_runner.cleanup(), 0.5)
+        # 4. consoles: cancel backends, flush rings
+        for c in list(self.consoles.values()):
+            await c.stop(bye)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(0.1, deadline - time.monotonic()))
+        for c in self.consoles.values():
+            c.ring.close()
+        for server in self._local_servers.values():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 0.2)
+            _unlink_socket(server)
+        if self._watcher is not None:
+            self._watcher.close()
+        if self.audit is not None:
+            self.audit.close()
+        self._log.info("stopped")
+
+    # --- reload (SIGHUP) ----------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config; untouched consoles keep their link and sessions."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as e:
+            self._log.error("reload_refused", error=str(e))
+            self.audit_event("config_reload", user="", peer="signal", result="refused", reason=str(e))
+            return False
+        await self.apply_config(new)
+        return True
+
+    async def apply_config(self, new: Config) -> None:
+        old = self.config
+        if (
+            new.http != old.http
+            or new.daemon.state_dir != old.daemon.state_dir
+            or (new.daemon.unix_listen_dir != old.daemon.unix_listen_dir)
+        ):
+            self._log.warning(
+                "reload_needs_restart", detail="[http] and [daemon] paths apply at the next restart"
+            )
+        new = _keep_daemon_and_http(new, old)
+        old_by = {c.name: c for c in old.consoles}
+        new_by = {c.name: c for c in new.consoles}
+        removed = [n for n in old_by if n not in new_by]
+        added = [n for n in new_by if n not in old_by]
+        changed = [n for n in new_by if n in old_by and _link_key(new_by[n]) != _link_key(old_by[n])]
+        for name in removed + changed:
+            await self._remove_console(name)
+        self.config = new
+        self.auth = Authenticator(new.users, self.auth._cookie_key)
+        for name in added + changed:
+            console = self._add_console(new_by[name])
+            if new.daemon.unix_listen_dir:
+                await self._start_local(console)
+        for name, ccfg in new_by.items():
+            if name not in added and name not in changed:
+                self.consoles[name].cfg = ccfg  # replay, idle timeout, detach sequence…
+        # Keep the order of the file for listings.
+        self.consoles = {n: self.consoles[n] for n in new_by}
+        self._log.info("reloaded", added=added, removed=removed, changed=changed)
+        self.audit_event(
+            "config_reload",
+            user="",
+            peer="signal",
+            result="applied",
+            added=added,
+            removed=removed,
+            changed=changed,
+        )
+
+    async def _remove_console(self, name: str) -> None:
+        console = self.consoles.pop(name, None)
+        if console is None:
+            return
+        server = self._local_servers.pop(name, None)
+        if server is not None:
+            server.close()
+            _unlink_socket(server)
+        ending = Ending(EndReason.REMOVED, message=f"console {name} was removed from the configuration")
+        await console.stop(ending)
+        if console.qmp is not None:
+            for t in list(self._tasks):
+                if t.get_name() == f"qmp:{name}":
+                    t.cancel()
+        console.ring.close()
+
+    # --- switches -----------------------------------------------------------------
+
+    def set_enabled(self, console: str | None, enabled: bool, *, user: str, peer: str) -> None:
+        sw = self.switches
+        assert sw is not None
+        if console is None:
+            sw.service_enabled = enabled
+            sw.who["*"] = user
+            for c in self.consoles.values():
+                c.set_enabled(enabled, service=True)
+        else:
+            if enabled:
+                sw.disabled.discard(console)
+            else:
+                sw.disabled.add(console)
+            sw.who[console] = user
+            self.consoles[console].set_enabled(enabled)
+        try:
+            sw.save()
+        except OSError as e:
+            self._log.error("switches_save_failed", error=e.strerror)
+        self.audit_event(
+            "enable" if enabled else "disable",
+            console=console,
+            user=user,
+            peer=peer,
+            offset=self.consoles[console].ring.next if console else None,
+        )
+
+    # --- audit and request context -------------------------------------------------------
+
+    def _on_console_event(self, event: str, console: Console, fields: dict[str, object]) -> None:
+        if event in {"backend_up", "backend_down"}:
+            return
+        self.audit_event(event, console=console.name, offset=console.ring.next, **fields)
+
+    def audit_event(self, event: str, **fields: Any) -> None:
+        if self.audit is not None:
+            self.audit.record(event, **fields)
+
+    def _trusted(self, addr: str | None) -> bool:
+        if not addr or not self.config.http.trusted_proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in ipaddress.ip_network(n, strict=False) for n in self.config.http.trusted_proxies)
+
+    def peer_address(self, request: web.BaseRequest) -> str:
+        remote = request.remote or "unknown"
+        if self._trusted(request.remote):
+            fwd = request.headers.get("X-Forwarded-For", "")
+            if fwd:
+                return fwd.split(",")[-1].strip()[:64] or remote
+        return remote
+
+    def path_prefix(self, request: web.BaseRequest) -> str:
+        prefix = self.config.http.path_prefix
+        if self._trusted(request.remote):
+            fwd = request.headers.get("X-Forwarded-Prefix", "").rstrip("/")
+            if fwd:
+                prefix = fwd
+        return prefix
+
+    def own_origins(self, request: web.BaseRequest) -> set[str]:
+        scheme = "https" if self.config.http.tls else "http"
+        host = request.host
+        if self._trusted(request.remote):
+            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+            host = request.headers.get("X-Forwarded-Host", host).split(",")[0].strip()
+        return {f"{scheme}://{host}"}
+
+
+def _flush_all(rings: list[RingLog]) -> None:
+    for r in rings:
+        with contextlib.suppress(Exception):
+            r.flush()
+
+
+def _link_key(c: ConsoleConfig) -> tuple[object, ...]:
+    """What, when changed, needs the console re-opened (the rest applies live)."""
+    return (c.uart, c.qmp, c.qmp_chardev, c.settings.ring_bytes, c.settings.baud)
+
+
+def _keep_daemon_and_http(new: Config, old: Config) -> Config:
+    from dataclasses import replace
+
+    return replace(new, http=old.http, daemon=old.daemon)
+
+
+def _bound_of(site: web.TCPSite, tls: bool) -> list[Bound]:
+    server = getattr(site, "_server", None)
+    out: list[Bound] = []
+    for sock in getattr(server, "sockets", None) or []:
+        addr = sock.getsockname()
+        out.append(Bound(addr[0], addr[1], tls))
+    return out
+
+
+def _unlink_socket(server: asyncio.AbstractServer) -> None:
+    for sock in getattr(server, "sockets", None) or []:
+        with contextlib.suppress(OSError, TypeError):
+            name = sock.getsockname()
+            if isinstance(name, str) and name:
+                os.unlink(name)

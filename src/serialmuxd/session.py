@@ -1,0 +1,174 @@
+"""What a console knows about a client attached to it.
+
+A :class:`Session` is the console-facing half of a WebSocket or unix-socket
+client.  The console pushes output with :meth:`Session.deliver`, which must
+never block: each transport queues up to its bound and answers False past it,
+and the console then drops that client as ``too_slow`` — the UART is never
+slowed by a reader.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import json
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+
+
+class Mode(enum.StrEnum):
+    INTERACTIVE = "interactive"
+    WATCH = "watch"
+
+
+class EndReason(enum.Enum):
+    """Why a session ended, with the WebSocket close code it maps to."""
+
+    CLIENT_LEFT = (1000, "client_left")
+    SHUTDOWN = (1001, "shutdown")
+    TAKEN_OVER = (4001, "taken_over")
+    DISABLED = (4003, "disabled")
+    REMOVED = (4004, "removed")
+    IDLE = (4008, "idle_timeout")
+    TOO_SLOW = (4009, "too_slow")
+
+    @property
+    def code(self) -> int:
+        return self.value[0]
+
+    @property
+    def label(self) -> str:
+        return self.value[1]
+
+
+@dataclass(frozen=True)
+class Ending:
+    reason: EndReason
+    message: str = ""
+    by: str = ""  # on takeover: the newcomer
+    peer: str = ""
+
+
+def new_session_id() -> str:
+    return secrets.token_hex(6)
+
+
+class Session(abc.ABC):
+    """One attached client; subclasses own the transport."""
+
+    def __init__(self, *, console: str, user: str, peer: str, mode: Mode) -> None:
+        self.id = new_session_id()
+        self.console = console
+        self.user = user
+        self.peer = peer
+        self.mode = mode
+        self.since = time.time()
+        self.last_input = time.monotonic()
+        self.ending: Ending | None = None
+
+    @abc.abstractmethod
+    def deliver(self, data: bytes) -> bool:
+        """Queue guest output; False when the client is over its buffer bound."""
+
+    @abc.abstractmethod
+    def state_changed(self, state: str) -> None:
+        """The console went ``running`` or ``stopped``."""
+
+    @abc.abstractmethod
+    def _close(self, ending: Ending) -> None:
+        """Tell the client why (frame or text line) and close the transport."""
+
+    def end(self, ending: Ending) -> None:
+        """Close once; later calls keep the first reason (it is the one the user sees)."""
+        if self.ending is not None:
+            return
+        self.ending = ending
+        self._close(ending)
+
+    def __repr__(self) -> str:
+        # Never includes tokens or keystrokes.
+        return f"<{type(self).__name__} {self.id} {self.console} {self.mode} {self.user}@{self.peer}>"
+
+
+# Coalesce queued output into frames of at most this size: one syscall per
+# frame, yet a frame never holds a client's whole backlog.
+MAX_FRAME = 64 * 1024
+
+
+class QueuedSession(Session):
+    """A session whose transport is written by one pump task.
+
+    ``deliver`` only appends to a bounded queue and wakes the pump; the pump
+    awaits the transport (WebSocket, HTTP stream), so a slow client fills its
+    own queue and is dropped, and the console never waits.  Consecutive output
+    chunks are coalesced into one frame while the pump is busy sending.
+    """
+
+    def __init__(self, *, console: str, user: str, peer: str, mode: Mode, bound: int) -> None:
+        super().__init__(console=console, user=user, peer=peer, mode=mode)
+        self._bound = bound
+        self._queued = 0
+        self._items: deque[bytearray | str] = deque()
+        self._wake = asyncio.Event()
+
+    def deliver(self, data: bytes) -> bool:
+        if self.ending is not None:
+            return True
+        n = len(data)
+        if self._queued + n > self._bound:
+            return False
+        self._queued += n
+        items = self._items
+        if items and isinstance(items[-1], bytearray) and len(items[-1]) + n <= MAX_FRAME:
+            items[-1] += data
+        else:
+            items.append(bytearray(data))
+        self._wake.set()
+        return True
+
+    def control(self, message: dict[str, object]) -> None:
+        """Queue a JSON control message, in order with the output around it."""
+        if self.ending is not None:
+            return
+        text = json.dumps(message, separators=(",", ":"))
+        self._queued += len(text)
+        self._items.append(text)
+        self._wake.set()
+
+    def state_changed(self, state: str) -> None:
+        self.control({"type": "state", "state": state})
+
+    def _close(self, ending: Ending) -> None:
+        self._wake.set()
+
+    async def pump(self) -> None:
+        """Send queued items until the session ends; then send the ending."""
+        items = self._items
+        while True:
+            if self.ending is not None and self.ending.reason is EndReason.TOO_SLOW:
+                items.clear()  # a stuck client would never take the backlog
+            while items:
+                item = items.popleft()
+                self._queued -= len(item)
+                if isinstance(item, str):
+                    await self._send_text(item)
+                else:
+                    await self._send_bytes(bytes(item))
+            if self.ending is not None:
+                await self._finish(self.ending)
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+    @abc.abstractmethod
+    async def _send_bytes(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    async def _send_text(self, text: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _finish(self, ending: Ending) -> None:
+        """Say why and close the transport."""
