@@ -1,0 +1,672 @@
+"""Per-console ring log: the newest ``capacity`` bytes a guest printed, with offsets.
+
+Every byte a guest prints gets a monotonic 64-bit offset. The log keeps the
+newest ``capacity`` bytes in a fixed-size file written through a shared mmap, so
+a ``kill -9`` of the daemon loses nothing already appended: the pages live in
+the kernel's page cache and reach the disk whether or not we ever call
+:meth:`RingLog.flush`.
+
+File layout (``state_dir/NAME.ring``, all integers little-endian)::
+
+    0      header page (4096 bytes)
+             0  magic         8s   b"SMXRING1"
+             8  version       u32  1
+            12  header_size   u32  4096
+            16  index_slots   u32  512
+            20  reserved      u32  0
+            24  capacity      u64  data bytes in this file
+            32  base          u64  offset of the first byte this file ever held
+            40  created_ns    u64  unix time of creation, nanoseconds
+            48  crc32         u32  zlib.crc32 of bytes 0..48 (the fields above)
+            52  reserved      u32  0
+            64  next_offset   u64  offset the next byte will get       } written on
+            72  index_count   u64  time index entries ever written     } every append
+    4096   time index: 512 slots of (offset u64, unix time ns i64); entry k
+           lives in slot k % 512
+    12288  data: ``capacity`` bytes; the byte with offset o lives at o % capacity
+
+The checksum covers only the fields that never change after creation, so a
+torn or scribbled header is detected while the append path stays two stores.
+``next_offset`` and ``index_count`` are checked for plausibility instead
+(``base <= next_offset``). On append the data is copied first and
+``next_offset`` is updated last, so a crash at any instant leaves a file whose
+bytes in ``[max(base, next - capacity), next)`` are all real guest output.
+
+Time index: an entry ``(offset, t)`` is added by :meth:`RingLog.append` when
+bytes arrive and at least one second has passed since the previous entry (or
+the wall clock went backwards). Hence every byte in ``[offset_i, offset_i+1)``
+was appended within ``[t_i, t_i + 1 s)``, which bounds the error of
+:meth:`RingLog.offset_at` to one second; 512 entries cost 8 KiB per console.
+
+A file that is corrupt (empty, truncated, bad magic, bad checksum,
+implausible offsets) or made for another capacity is renamed to
+``NAME.ring.corrupt-<UTC time>`` and a fresh one is made, continuing from the
+old ``next_offset`` when the old header was readable. When the file cannot be
+created, preallocated or mapped (read-only directory, disk full, permission),
+the log lives in memory with the same API, ``persistent`` is False and
+``error`` says why; the console keeps being served.
+
+A process holds an exclusive ``flock`` on its ring files, so a second daemon
+pointed at the same ``state_dir`` gets in-memory logs and an error rather than
+interleaving writes with the first.
+
+:meth:`RingLog.open` does blocking file I/O (call it at start-up or in a
+thread). :meth:`RingLog.append` and :meth:`RingLog.read` only copy memory.
+A RingLog is not thread-safe, except that :meth:`RingLog.flush` may run in a
+worker thread while the event loop appends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import mmap
+import os
+import struct
+import threading
+import time
+import weakref
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from serialmuxd.errors import RingLogError
+
+__all__ = ["RingLog", "read_segments", "read_window", "write_segments"]
+
+log = structlog.get_logger("serialmuxd.ringlog")
+
+MAGIC = b"SMXRING1"
+VERSION = 1
+HEADER_SIZE = 4096
+INDEX_SLOTS = 512
+INDEX_ENTRY = struct.Struct("<Qq")
+INDEX_START = HEADER_SIZE
+DATA_START = INDEX_START + INDEX_SLOTS * INDEX_ENTRY.size  # 12288, page aligned
+
+_STATIC = struct.Struct("<8sIIIIQQQ")  # magic .. created_ns: bytes 0..48
+_CRC = struct.Struct("<I")
+_CRC_AT = _STATIC.size  # 48
+_NEXT = struct.Struct("<Q")
+_NEXT_INDEX = struct.Struct("<QQ")
+_NEXT_AT = 64
+_HEADER_READ = _NEXT_AT + _NEXT_INDEX.size  # 80: all header bytes that carry meaning
+
+_SECOND_NS = 1_000_000_000
+# The wall clock the time index records; a module global so tests can steer it.
+_now = time.time_ns
+# Offsets are u64 on disk; anything near the top is a scribble, not 2**63 bytes of output.
+_MAX_OFFSET = 1 << 62
+
+
+def file_size(capacity: int) -> int:
+    """Bytes a ring file of ``capacity`` data bytes occupies."""
+    return DATA_START + capacity
+
+
+# --- pure arithmetic ---------------------------------------------------------
+
+
+def write_segments(next_offset: int, capacity: int, length: int) -> list[tuple[int, int, int]]:
+    """Where an append of ``length`` bytes at ``next_offset`` goes.
+
+    Returns ``[(data_pos, src_start, n), ...]``, at most two segments (the
+    second one after wrapping to position 0). When ``length`` exceeds
+    ``capacity`` only the last ``capacity`` bytes are written: the earlier ones
+    would be overwritten by the same append anyway.
+    """
+    if length <= 0:
+        return []
+    src = 0
+    if length > capacity:
+        src = length - capacity
+        length = capacity
+    pos = (next_offset + src) % capacity
+    room = capacity - pos
+    if length <= room:
+        return [(pos, src, length)]
+    return [(pos, src, room), (0, src + room, length - room)]
+
+
+def read_window(
+    start: int | None,
+    next_offset: int,
+    capacity: int,
+    max_bytes: int | None,
+    *,
+    base: int = 0,
+) -> tuple[int, int, bool]:
+    """Resolve a read request to ``(first, end, truncated)``.
+
+    - ``start=None``: from the oldest byte kept.
+    - ``start >= 0``: from that offset. Older than the oldest kept byte: from the
+      oldest, ``truncated=True``. At or beyond ``next_offset``: ``(next, next, False)``.
+    - ``start < 0``: the last ``-start`` bytes; ``truncated=True`` when some of
+      them existed but are no longer kept (a young log that simply has fewer
+      bytes is not truncated).
+    - ``max_bytes`` limits the result to its first ``max_bytes`` bytes, so a
+      reader can continue from ``end``.
+
+    ``base`` is the first offset this log ever held (a log continued from an
+    older file); bytes below it are not kept.
+    """
+    if max_bytes is not None and max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, not {max_bytes}")
+    oldest = max(base, next_offset - capacity, 0)
+    truncated = False
+    if start is None:
+        first = oldest
+    else:
+        wanted = start if start >= 0 else max(next_offset + start, 0)
+        if wanted >= next_offset:
+            return next_offset, next_offset, False
+        if wanted < oldest:
+            first, truncated = oldest, True
+        else:
+            first = wanted
+    end = next_offset if max_bytes is None else min(next_offset, first + max_bytes)
+    return first, end, truncated
+
+
+def read_segments(first: int, end: int, capacity: int) -> list[tuple[int, int]]:
+    """Data positions holding offsets ``[first, end)``: ``[(data_pos, n)]``, at most two."""
+    n = end - first
+    if n <= 0:
+        return []
+    if n > capacity:
+        raise ValueError(f"cannot read {n} bytes from a ring of {capacity}")
+    pos = first % capacity
+    room = capacity - pos
+    if n <= room:
+        return [(pos, n)]
+    return [(pos, room), (0, n - room)]
+
+
+# --- header ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Header:
+    capacity: int
+    base: int
+    created_ns: int
+    next_offset: int
+    index_count: int
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    """What an existing file is worth: ``reason`` None means usable."""
+
+    reason: str | None
+    header: _Header | None  # set when the header could be read and is plausible
+
+
+def _static_header(capacity: int, base: int, created_ns: int) -> bytes:
+    fields = _STATIC.pack(MAGIC, VERSION, HEADER_SIZE, INDEX_SLOTS, 0, capacity, base, created_ns)
+    return fields + _CRC.pack(zlib.crc32(fields))
+
+
+def _judge(head: bytes, size: int, capacity: int) -> _Verdict:
+    """Decide whether a file whose first bytes are ``head`` and size ``size`` is usable."""
+    if size == 0:
+        return _Verdict("the file is empty", None)
+    if len(head) < _HEADER_READ:
+        return _Verdict(f"the file is truncated to {size} bytes, shorter than its header", None)
+    if head[:8] != MAGIC:
+        return _Verdict("it is not a serialmuxd ring log (bad magic)", None)
+    _, version, header_size, slots, _, cap, base, created = _STATIC.unpack_from(head, 0)
+    (crc,) = _CRC.unpack_from(head, _CRC_AT)
+    if crc != zlib.crc32(head[:_CRC_AT]):
+        return _Verdict("its header checksum does not match (corrupt header)", None)
+    if version != VERSION or header_size != HEADER_SIZE or slots != INDEX_SLOTS:
+        return _Verdict(f"it has format version {version}; this serialmuxd reads version {VERSION}", None)
+    nxt, count = _NEXT_INDEX.unpack_from(head, _NEXT_AT)
+    if cap <= 0 or not base <= nxt < _MAX_OFFSET:
+        return _Verdict(f"its offsets are implausible (base {base}, next {nxt})", None)
+    header = _Header(cap, base, created, nxt, count)
+    if cap != capacity:
+        return _Verdict(f"it holds {cap} bytes but the configured size is {capacity}", header)
+    if size != file_size(cap):
+        return _Verdict(f"the file is {size} bytes but a ring of {cap} bytes needs {file_size(cap)}", header)
+    return _Verdict(None, header)
+
+
+def _aside_path(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    candidate = path.with_name(f"{path.name}.corrupt-{stamp}")
+    n = 1
+    while candidate.exists():
+        # Two bad files within one second (e.g. a restart loop): keep both.
+        candidate = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        n += 1
+    return candidate
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+class _Fallback(Exception):
+    """Internal: the file route failed; carries the sentence for ``error``."""
+
+    def __init__(self, message: str, base: int = 0, seed: bytes | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.base = base
+        self.seed = seed
+
+
+# --- the log -----------------------------------------------------------------
+
+
+class RingLog:
+    """The newest ``capacity`` bytes of one console's output, addressed by offset."""
+
+    path: Path | None
+    capacity: int
+    persistent: bool
+    error: str | None
+    notice: str | None
+
+    def __init__(
+        self,
+        mm: mmap.mmap,
+        capacity: int,
+        *,
+        path: Path | None,
+        fd: int | None,
+        error: str | None = None,
+        notice: str | None = None,
+    ) -> None:
+        # Use RingLog.open or RingLog.memory; this takes over an initialised mapping.
+        self._mm = mm
+        self._fd = fd
+        self._lock = threading.Lock()
+        # A RingLog dropped without close() must still release its fd and flock,
+        # as a crashed process would; close() runs this finalizer itself.
+        self._release = weakref.finalize(self, _release, mm, fd)
+        self.path = path
+        self.capacity = capacity
+        self.persistent = fd is not None
+        self.error = error
+        self.notice = notice
+        h = _read_header(mm)
+        self._base = h.base
+        self._next = h.next_offset
+        self._index_count = h.index_count
+        self._last_index_ns = 0
+        if h.index_count:
+            _, self._last_index_ns = INDEX_ENTRY.unpack_from(
+                mm, INDEX_START + ((h.index_count - 1) % INDEX_SLOTS) * INDEX_ENTRY.size
+            )
+
+    # --- construction --------------------------------------------------------
+
+    @classmethod
+    def memory(cls, capacity: int, *, base: int = 0) -> RingLog:
+        """A ring kept in anonymous memory only (fallback, tests, benchmarks)."""
+        return cls._memory(capacity, base=base, path=None)
+
+    @classmethod
+    def _memory(
+        cls,
+        capacity: int,
+        *,
+        base: int,
+        path: Path | None,
+        seed: bytes | None = None,
+        error: str | None = None,
+        notice: str | None = None,
+    ) -> RingLog:
+        _check_capacity(capacity)
+        try:
+            mm = mmap.mmap(-1, file_size(capacity))
+        except OSError as exc:
+            raise RingLogError(
+                f"cannot allocate {capacity} bytes of memory for a ring log: {_why(exc)}"
+            ) from exc
+        if seed is not None:
+            mm[: len(seed)] = seed
+        else:
+            _init_header(mm, capacity, base)
+        return cls(mm, capacity, path=path, fd=None, error=error, notice=notice)
+
+    @classmethod
+    def open(cls, path: Path, capacity: int) -> RingLog:
+        """Open or create the ring file at ``path``; never raises for file problems.
+
+        A corrupt or differently sized file is moved aside (``notice`` says so);
+        when no usable file can be had the log lives in memory (``error`` says
+        why). Raises only ValueError for a capacity < 1, and RingLogError when
+        not even memory for the fallback can be had.
+        """
+        _check_capacity(capacity)
+        path = Path(path)
+        try:
+            try:
+                return cls._open_existing(path, capacity)
+            except FileNotFoundError:
+                base = 0
+            except _Unusable as bad:
+                base = bad.header.next_offset if bad.header else 0
+                return cls._create(path, capacity, base, aside_reason=bad.reason)
+            return cls._create(path, capacity, base, aside_reason=None)
+        except _Fallback as fb:
+            log.warning("ringlog_in_memory", path=str(path), error=fb.message)
+            return cls._memory(capacity, base=fb.base, path=path, seed=fb.seed, error=fb.message)
+
+    @classmethod
+    def _open_existing(cls, path: Path, capacity: int) -> RingLog:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            problem = f"cannot open {path} for writing: {_why(exc)}"
+            raise _read_only_fallback(path, capacity, problem) from exc
+        try:
+            # Lock before judging: a file another daemon is using must not be
+            # moved aside just because that daemon has another ring_bytes.
+            _lock_or_fallback(fd, path, capacity)
+            try:
+                size = os.fstat(fd).st_size
+                head = os.pread(fd, _HEADER_READ, 0)
+            except OSError as exc:
+                raise _Fallback(
+                    f"cannot read {path}: {_why(exc)}; keeping the log in memory until restart"
+                ) from exc
+            verdict = _judge(head, size, capacity)
+            if verdict.reason is not None:
+                raise _Unusable(verdict.reason, verdict.header)
+            try:
+                # A sparse file (e.g. copied with cp --sparse) would SIGBUS on a full disk.
+                os.posix_fallocate(fd, 0, file_size(capacity))
+                mm = mmap.mmap(fd, file_size(capacity), mmap.MAP_SHARED)
+            except OSError as exc:
+                raise _read_only_fallback(
+                    path, capacity, f"cannot map {path} for writing: {_why(exc)}"
+                ) from exc
+            _advise(mm)
+            return cls(mm, capacity, path=path, fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def _create(cls, path: Path, capacity: int, base: int, *, aside_reason: str | None) -> RingLog:
+        # Build the new file under a side name and rename it into place, so a
+        # crash half-way never leaves a half-made NAME.ring behind.
+        tmp = path.with_name(path.name + ".new")
+        size = file_size(capacity)
+        gone = "" if aside_reason is None else f"{path} is unusable ({aside_reason}) and "
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:
+            raise _Fallback(
+                f"{gone}cannot create {tmp}: {_why(exc)}; keeping the log in memory until restart",
+                base,
+            ) from exc
+        try:
+            _lock_or_fallback(fd, tmp, capacity, base=base)
+            try:
+                os.ftruncate(fd, 0)
+                # Writing to a mapped hole on a full filesystem raises SIGBUS
+                # and kills the daemon: reserve every block up front.
+                os.posix_fallocate(fd, 0, size)
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise _Fallback(
+                    f"{gone}cannot create {path}: {_why(exc)}; keeping the log in memory until restart",
+                    base,
+                ) from exc
+            _init_header(mm, capacity, base)
+            notice: str | None = None
+            try:
+                if aside_reason is not None:
+                    aside = _aside_path(path)
+                    os.rename(path, aside)
+                    notice = (
+                        f"{path} was unusable ({aside_reason}); moved it to {aside.name} "
+                        f"and started a new log at offset {base}"
+                    )
+                    log.warning(
+                        "ringlog_moved_aside",
+                        path=str(path),
+                        reason=aside_reason,
+                        new_path=str(aside),
+                        continue_from=base,
+                    )
+                os.rename(tmp, path)
+            except OSError as exc:
+                mm.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise _Fallback(
+                    f"{gone}cannot put a new ring file in place at {path}: {_why(exc)}; "
+                    "keeping the log in memory until restart",
+                    base,
+                ) from exc
+            _advise(mm)
+            return cls(mm, capacity, path=path, fd=fd, notice=notice)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # --- state ---------------------------------------------------------------
+
+    @property
+    def next(self) -> int:
+        """Offset the next appended byte will get."""
+        return self._next
+
+    @property
+    def first(self) -> int:
+        """Oldest offset still kept (never below the offset this log started at)."""
+        return max(self._base, self._next - self.capacity)
+
+    @property
+    def base(self) -> int:
+        """Offset this log started at (0, or the old next offset of a replaced file)."""
+        return self._base
+
+    def __repr__(self) -> str:
+        where = str(self.path) if self.persistent else "memory"
+        return f"<RingLog {where} capacity={self.capacity} first={self.first} next={self._next}>"
+
+    # --- hot path ------------------------------------------------------------
+
+    def append(self, data: bytes | bytearray | memoryview) -> int:
+        """Store ``data`` and return the new next offset. Memory copies only."""
+        n = len(data)
+        if not n:
+            return self._next
+        mm = self._mm
+        nxt = self._next
+        cap = self.capacity
+        pos = nxt % cap
+        if n <= cap - pos:
+            mm[DATA_START + pos : DATA_START + pos + n] = data
+        else:
+            for dpos, src, k in write_segments(nxt, cap, n):
+                mm[DATA_START + dpos : DATA_START + dpos + k] = data[src : src + k]
+        new = nxt + n
+        now = _now()
+        last = self._last_index_ns
+        if now - last >= _SECOND_NS or now < last:
+            count = self._index_count
+            INDEX_ENTRY.pack_into(mm, INDEX_START + (count % INDEX_SLOTS) * INDEX_ENTRY.size, nxt, now)
+            self._index_count = count + 1
+            self._last_index_ns = now
+            # Data and index entry first, then the counters: a crash in between
+            # leaves the previous, consistent state.
+            _NEXT_INDEX.pack_into(mm, _NEXT_AT, new, count + 1)
+        else:
+            _NEXT.pack_into(mm, _NEXT_AT, new)
+        self._next = new
+        return new
+
+    def read(self, start: int | None, max_bytes: int | None = None) -> tuple[int, bytes, bool]:
+        """``(first_offset, data, truncated)`` for a request resolved by :func:`read_window`."""
+        first, end, truncated = read_window(start, self._next, self.capacity, max_bytes, base=self._base)
+        segs = read_segments(first, end, self.capacity)
+        mm = self._mm
+        if not segs:
+            return first, b"", truncated
+        if len(segs) == 1:
+            pos, n = segs[0]
+            return first, mm[DATA_START + pos : DATA_START + pos + n], truncated
+        (p0, n0), (p1, n1) = segs
+        return (
+            first,
+            mm[DATA_START + p0 : DATA_START + p0 + n0] + mm[DATA_START + p1 : DATA_START + p1 + n1],
+            truncated,
+        )
+
+    # --- time index ----------------------------------------------------------
+
+    def _index(self) -> list[tuple[int, int]]:
+        """Retained index entries in the order written, implausible ones dropped."""
+        count = self._index_count
+        out: list[tuple[int, int]] = []
+        prev = -1
+        for k in range(max(0, count - INDEX_SLOTS), count):
+            off, t = INDEX_ENTRY.unpack_from(self._mm, INDEX_START + (k % INDEX_SLOTS) * INDEX_ENTRY.size)
+            if off < prev or off < self._base or off > self._next or t <= 0:
+                continue
+            out.append((off, t))
+            prev = off
+        return out
+
+    def offset_at(self, when: float) -> int:
+        """Offset of the first byte appended at or after unix time ``when``.
+
+        Granularity is one second: the answer may include up to one second of
+        output appended before ``when`` but never skips output appended at or
+        after it. When ``when`` predates the oldest index entry still kept and
+        older bytes are still in the ring, the answer is :attr:`first`. The
+        result is clamped to ``[first, next]``. Wall-clock steps backwards make
+        the answer approximate.
+        """
+        first = self.first
+        when_ns = int(when * _SECOND_NS)
+        entries = self._index()
+        if not entries:
+            return first
+        for i, (off, t) in enumerate(entries):
+            # Entry i's bytes were all appended within [t, t + 1 s).
+            if t + _SECOND_NS > when_ns:
+                if i == 0 and off > first:
+                    # Bytes before the oldest kept entry have unknown times.
+                    return first
+                return min(max(off, first), self._next)
+        return self._next
+
+    # --- durability ----------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write dirty pages to disk (fdatasync). Safe to call from a worker thread.
+
+        Only needed against power loss: a daemon crash loses nothing without it.
+        Failures are logged, not raised, so the console keeps running.
+        """
+        with self._lock:
+            if self._fd is None:
+                return
+            try:
+                # fdatasync writes the mmap's dirty pages (Linux tracks them in
+                # the page cache) and, unlike mmap.flush, releases the GIL.
+                os.fdatasync(self._fd)
+            except OSError as exc:
+                log.error("ringlog_flush_failed", path=str(self.path), error=_why(exc))
+
+    def close(self) -> None:
+        """Flush and release the file; idempotent. The log is unusable afterwards."""
+        self.flush()
+        with self._lock:
+            self._release()
+            self._fd = None
+
+    def __enter__(self) -> RingLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+# --- helpers -----------------------------------------------------------------
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, header: _Header | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.header = header
+
+
+def _release(mm: mmap.mmap, fd: int | None) -> None:
+    if not mm.closed:
+        mm.close()
+    if fd is not None:
+        os.close(fd)
+
+
+def _check_capacity(capacity: int) -> None:
+    if capacity < 1:
+        raise ValueError(f"ring log capacity must be at least 1 byte, not {capacity}")
+
+
+def _init_header(mm: mmap.mmap, capacity: int, base: int) -> None:
+    mm[0:HEADER_SIZE] = bytes(HEADER_SIZE)
+    mm[0 : _CRC_AT + _CRC.size] = _static_header(capacity, base, time.time_ns())
+    _NEXT_INDEX.pack_into(mm, _NEXT_AT, base, 0)
+
+
+def _read_header(mm: mmap.mmap) -> _Header:
+    _, _, _, _, _, cap, base, created = _STATIC.unpack_from(mm, 0)
+    nxt, count = _NEXT_INDEX.unpack_from(mm, _NEXT_AT)
+    return _Header(cap, base, created, nxt, count)
+
+
+def _advise(mm: mmap.mmap) -> None:
+    # Start reading the file in now so the first appends and reads after a
+    # restart do not wait for the disk.
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        mm.madvise(mmap.MADV_WILLNEED)
+
+
+def _lock_or_fallback(fd: int, path: Path, capacity: int, *, base: int | None = None) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            msg = f"{path} is in use by another process (another serialmuxd with the same state_dir?)"
+        else:
+            msg = f"cannot lock {path}: {_why(exc)}"
+        if base is not None:
+            raise _Fallback(f"{msg}; keeping the log in memory until restart", base) from exc
+        raise _read_only_fallback(path, capacity, msg) from exc
+
+
+def _read_only_fallback(path: Path, capacity: int, problem: str) -> _Fallback:
+    """Fallback that starts from the file's content when it can at least be read."""
+    try:
+        with open(path, "rb") as f:
+            content = f.read(file_size(capacity) + 1)
+    except OSError:
+        content = b""
+    verdict = _judge(content[:_HEADER_READ], len(content), capacity)
+    if verdict.reason is None and verdict.header is not None:
+        return _Fallback(
+            f"{problem}; keeping the log in memory (continuing from offset "
+            f"{verdict.header.next_offset}) until restart",
+            verdict.header.base,
+            seed=content,
+        )
+    base = verdict.header.next_offset if verdict.header else 0
+    return _Fallback(f"{problem}; keeping the log in memory until restart", base)
