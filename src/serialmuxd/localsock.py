@@ -14,7 +14,7 @@ import contextlib
 import grp
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
@@ -40,8 +40,8 @@ class LocalSession(Session, asyncio.Protocol):
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only duck-typed.
+        self._transport = cast(asyncio.Transport, transport)
         self.user, self.peer = _peer_of(transport)
         try:
             _, replay = self._console.attach(self)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from serialmuxd.backends.base import Backend, BackendSink
 from serialmuxd.errors import BackendDown
@@ -33,9 +33,9 @@ class UartProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # uvloop's transports are not asyncio.Transport subclasses, only duck-typed.
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
