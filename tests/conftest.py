@@ -39,7 +39,9 @@ class Users:
         return {"Authorization": f"Bearer {self.tokens[role]}"}
 
 
-def pytest_asyncio_loop_factories(config: object, item: object) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+def pytest_asyncio_loop_factories(
+    config: object, item: object
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Tests run on uvloop, like the daemon (its transports differ from asyncio's)."""
     from serialmuxd.loop import loop_factory
 

@@ -54,7 +54,9 @@ async def recv_until(ws: aiohttp.ClientWebSocketResponse, needle: bytes, timeout
     return bytes(buf)
 
 
-async def test_attach_replays_recent_output_then_streams_live(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_attach_replays_recent_output_then_streams_live(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     """Attaching shows the last replay_bytes so the prompt is on screen, then live output."""
     d = await vm1(make_daemon, uart, defaults={"replay_bytes": 10})
     await uart.print(b"old boot line\r\nprompt# ")
@@ -104,7 +106,9 @@ async def test_takeover_closes_old_session_with_4001_naming_newcomer(
         await new.close()
 
 
-async def test_detach_sequence_sent_on_takeover_and_on_leave(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_detach_sequence_sent_on_takeover_and_on_leave(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     """The next user does not inherit a logged-in shell."""
     d = await vm1(make_daemon, uart, defaults={"detach_sequence": "exit\r"})
     url = url_of(d) + "/api/v1/consoles/vm1/session"
@@ -119,7 +123,9 @@ async def test_detach_sequence_sent_on_takeover_and_on_leave(make_daemon: Daemon
         await a.close()
 
 
-async def test_watchers_see_output_but_cannot_type_or_take_over(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_watchers_see_output_but_cannot_type_or_take_over(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     d = await vm1(make_daemon, uart)
     base = url_of(d) + "/api/v1/consoles/vm1/session"
     async with aiohttp.ClientSession() as s:
@@ -175,7 +181,9 @@ async def test_slow_client_dropped_4009_while_other_client_still_answers(
     _ = base
 
 
-async def test_log_read_by_offset_negative_start_and_truncated(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_log_read_by_offset_negative_start_and_truncated(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     d = await vm1(make_daemon, uart, defaults={"ring_bytes": 4096, "replay_bytes": 100})
     data = bytes(range(256)) * 20  # 5120 bytes > 4096 ring
     await uart.print(data)
@@ -230,11 +238,19 @@ async def test_unknown_console_404_and_bad_name_400(make_daemon: DaemonFactory, 
         assert r.status == 400
 
 
-async def test_malformed_control_frames_get_error_and_session_stays(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_malformed_control_frames_get_error_and_session_stays(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     d = await vm1(make_daemon, uart)
     async with aiohttp.ClientSession() as s, s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session") as ws:
         await recv_json(ws, "hello")
-        for bad in ["not json", "[]", '{"type": 3}', '{"type": "launch"}', '{"type":"sysrq","key":"toolong"}']:
+        for bad in [
+            "not json",
+            "[]",
+            '{"type": 3}',
+            '{"type": "launch"}',
+            '{"type":"sysrq","key":"toolong"}',
+        ]:
             await ws.send_str(bad)
             err = await recv_json(ws, "error")
             assert err["message"]
@@ -245,7 +261,9 @@ async def test_malformed_control_frames_get_error_and_session_stays(make_daemon:
         assert err["error"] == "unsupported" and "qmp" in str(err["message"])
 
 
-async def test_oversize_frame_refused_1009_daemon_unharmed(make_daemon: DaemonFactory, uart: UartServer) -> None:
+async def test_oversize_frame_refused_1009_daemon_unharmed(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
     d = await vm1(make_daemon, uart)
     url = url_of(d) + "/api/v1/consoles/vm1/session"
     async with aiohttp.ClientSession() as s:

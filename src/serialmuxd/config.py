@@ -219,6 +219,12 @@ def validate_uart(spec: str) -> str | None:
         path = spec[5:]
         return None if path.startswith("/") else "unix: needs an absolute path (unix:/run/qemu/vm1.serial)"
     if spec.startswith("demo:"):
+        from serialmuxd.backends.demo import parse_demo_spec
+
+        try:
+            parse_demo_spec(spec)
+        except ValueError as e:
+            return str(e)
         return None
     if spec.startswith("tcp:"):
         try:

@@ -171,6 +171,8 @@ class Console:
 
     def on_state(self, up: bool, reason: str) -> None:
         if up == self.up:
+            if not up:
+                self.down_reason = reason  # still down, maybe for a new reason
             return
         self.up = up
         if up:

@@ -270,7 +270,11 @@ class Daemon:
         http = self.config.http
         ssl_ctx = server_ssl_context(http.tls_cert, http.tls_key, http.tls_client_ca) if http.tls else None
         app = build_app(self)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        # Request lines up to 64 KiB: a /wait pattern of 4096 characters, percent-encoded,
+        # must reach our handler (and its JSON error) rather than the parser's plain-text 400.
+        self._runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=1.0, max_line_size=65536
+        )
         await self._runner.setup()
         for addr in http.listen:
             host, port = validate_listen(addr)

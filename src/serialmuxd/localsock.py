@@ -46,12 +46,12 @@ class LocalSession(Session, asyncio.Protocol):
         try:
             _, replay = self._console.attach(self)
         except ConsoleUnavailable as e:
-            transport.write(f"\r\n[serialmuxd] {e}\r\n".encode())
-            transport.close()
+            self._transport.write(f"\r\n[serialmuxd] {e}\r\n".encode())
+            self._transport.close()
             return
         self._daemon.sessions.add(self)
         if replay:
-            transport.write(replay)
+            self._transport.write(replay)
 
     def data_received(self, data: bytes) -> None:
         console = self._console

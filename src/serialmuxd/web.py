@@ -527,6 +527,128 @@ def make_action_handler(kind: str) -> Callable[[web.Request], Awaitable[web.Resp
     return handler
 
 
+WAIT_WINDOW = 64 * 1024
+WAIT_POLL_S = 0.05
+WAIT_MAX_S = 3600
+
+
+def compile_pattern(pattern: str) -> Any:
+    """A user's regex, compiled for RE2: linear time, no backreferences."""
+    import re2
+
+    opts = re2.Options()
+    opts.log_errors = False
+    try:
+        return re2.compile(pattern.encode("utf-8", "surrogateescape"), opts)
+    except re2.error as e:
+        msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
+        fail(400, "bad_pattern", f"pattern is not a valid RE2 regular expression: {msg}")
+
+
+async def wait_output(request: web.Request) -> web.Response:
+    """Test rigs' expect: wait until output from ``start`` matches ``pattern``.
+
+    Polls the ring rather than hooking the hot path: a waiting client costs
+    nothing per chunk, and the search runs on a bounded window so a pattern
+    can never make the loop spend more than linear time on 64 KiB.
+    """
+    console, _ = await console_for(request, Role.READER)
+    pattern = request.query.get("pattern")
+    if not pattern:
+        fail(400, "bad_parameter", "pattern is required, e.g. pattern=login:")
+    if len(pattern) > 4096:
+        fail(400, "bad_parameter", "pattern must be at most 4096 characters")
+    regex = compile_pattern(pattern)
+    start = _int_param(request, "start", -(1 << 62), 1 << 62)
+    timeout_s = _int_param(request, "timeout_s", 0, WAIT_MAX_S)
+    timeout = 30 if timeout_s is None else timeout_s
+    ring = console.ring
+    if start is None:
+        pos = ring.next
+    else:
+        pos, _, _ = ring.read(start, 0)
+    window = bytearray()
+    window_base = pos
+    deadline = time.monotonic() + timeout
+    while True:
+        first, data, _ = ring.read(pos, 1 << 20)
+        if first > pos:  # the ring overtook us: carry on from what is still there
+            window.clear()
+            window_base = first
+        pos = first + len(data)
+        if data:
+            window += data
+            if len(window) > WAIT_WINDOW:
+                cut = len(window) - WAIT_WINDOW
+                del window[:cut]
+                window_base += cut
+            m = regex.search(bytes(window))
+            if m is not None:
+                return json_response(
+                    {
+                        "match": m.group(0).decode(errors="replace"),
+                        "start": window_base + m.start(),
+                        "end": window_base + m.end(),
+                    }
+                )
+        if time.monotonic() >= deadline:
+            return json_response(
+                {"error": "timeout", "message": f"no match for the pattern within {timeout} s", "next": pos},
+                status=408,
+            )
+        await asyncio.sleep(WAIT_POLL_S)
+
+
+async def switch_console(request: web.Request) -> web.Response:
+    console, principal = await console_for(request, Role.OWNER)
+    enable = request.path.endswith("/enable")
+    request.app[DAEMON].set_enabled(console.name, enable, user=principal.name, peer=peer_of(request))
+    return json_response(console_json(console))
+
+
+async def get_service(request: web.Request) -> web.Response:
+    await require(request, Role.READER, None)
+    sw = request.app[DAEMON].switches
+    return json_response({"enabled": sw.service_enabled if sw else True})
+
+
+async def switch_service(request: web.Request) -> web.Response:
+    principal = await require(request, Role.OWNER, None)
+    enable = request.path.endswith("/enable")
+    daemon = request.app[DAEMON]
+    daemon.set_enabled(None, enable, user=principal.name, peer=peer_of(request))
+    return json_response({"enabled": enable})
+
+
+async def get_audit(request: web.Request) -> web.Response:
+    console = request.query.get("console")
+    if console is not None:
+        reason = validate_console_name(console)
+        if reason:
+            fail(400, "bad_parameter", reason)
+    await require(request, Role.OWNER, console)
+    since_raw = request.query.get("since")
+    since: float | None = None
+    if since_raw is not None:
+        try:
+            since = parse_rfc3339(since_raw)
+        except ValueError:
+            fail(
+                400,
+                "bad_parameter",
+                f"since must be an RFC 3339 time such as 2026-11-27T07:00:00Z, got {since_raw[:40]!r}",
+            )
+    audit = request.app[DAEMON].audit
+    events = [] if audit is None else await asyncio.to_thread(audit.read, console, since)
+    return json_response({"events": events})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    from serialmuxd.openapi import spec
+
+    return json_response(spec(request.app[DAEMON].path_prefix(request)))
+
+
 def build_app(daemon: Daemon) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024)
     app[DAEMON] = daemon
@@ -538,8 +660,19 @@ def build_app(daemon: Daemon) -> web.Application:
     r.add_get("/api/v1/consoles/{name}", get_console_info)
     r.add_get("/api/v1/consoles/{name}/log", read_log)
     r.add_get("/api/v1/consoles/{name}/session", ws_session)
+    r.add_get("/api/v1/consoles/{name}/wait", wait_output)
     for kind in ("break", "sysrq", "nmi", "reset"):
         r.add_post(f"/api/v1/consoles/{{name}}/{kind}", make_action_handler(kind))
+    r.add_post("/api/v1/consoles/{name}/enable", switch_console)
+    r.add_post("/api/v1/consoles/{name}/disable", switch_console)
+    r.add_get("/api/v1/service", get_service)
+    r.add_post("/api/v1/service/enable", switch_service)
+    r.add_post("/api/v1/service/disable", switch_service)
+    r.add_get("/api/v1/audit", get_audit)
+    r.add_get("/api/v1/openapi.json", openapi)
+    from serialmuxd.pages import add_routes
+
+    add_routes(app)
     return app
 
 

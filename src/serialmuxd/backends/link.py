@@ -111,14 +111,18 @@ class LinkBackend(Backend):
                     await proto.closed
                 finally:
                     self._proto = None
-                    if proto.transport is not None:
+                    if proto.transport is not None and not proto.transport.is_closing():
                         proto.transport.abort()
                 self.sink.on_state(False, "the VM closed the serial link")
         finally:
             if self._watcher is not None and self.watch_path:
                 self._watcher.unregister(self.watch_path, wake)
             proto_now = self._proto
-            if proto_now is not None and proto_now.transport is not None:
+            if (
+                proto_now is not None
+                and proto_now.transport is not None
+                and not proto_now.transport.is_closing()
+            ):
                 proto_now.transport.abort()
             self._proto = None
 

@@ -1,0 +1,89 @@
+"""Backends on real devices: a pty pair, QEMU's -serial pty, reconnect after loss."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import tty
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import DaemonFactory, url_of, wait_for
+from tests.guest import GuestFactory
+from tests.test_sessions import recv_json, recv_until
+from tests.uart import UartServer
+
+
+async def test_tty_backend_on_a_real_pty_pair(make_daemon: DaemonFactory) -> None:
+    """A /dev/pts/N console is opened with pyserial-asyncio-fast at 115200 8N1: both ways work."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    path = os.ttyname(slave)
+    try:
+        d = await make_daemon([{"name": "board", "uart": path}])
+        await wait_for(lambda: d.consoles["board"].up, what="pty link up")
+        banner = b"U-Boot 2024.01\r\n=> "
+        os.write(master, banner)
+        await wait_for(lambda: d.consoles["board"].ring.next == len(banner), what="pty output logged")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.ws_connect(url_of(d) + "/api/v1/consoles/board/session") as ws,
+        ):
+            await recv_json(ws, "hello")
+            assert b"=> " in await recv_until(ws, b"=> ")
+            await ws.send_bytes(b"printenv\r")
+            loop = asyncio.get_running_loop()
+            got = b""
+            async with asyncio.timeout(5):
+                while b"printenv\r" not in got:
+                    got += await loop.run_in_executor(None, os.read, master, 100)
+            # BREAK through the serial driver is accepted on a tty
+            await ws.send_str('{"type":"break"}')
+            await ws.send_str('{"type":"ping"}')
+            assert (await recv_json(ws, "pong"))["type"] == "pong"
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.qemu
+async def test_tty_backend_on_qemu_serial_pty(make_daemon: DaemonFactory, qemu_guest: GuestFactory) -> None:
+    """QEMU's -serial pty works as a console: the guest's shell answers through it."""
+    vm = qemu_guest(serial="pty", qmp=False)
+    assert vm.pty_path
+    d = await make_daemon([{"name": "vm1", "uart": vm.pty_path}])
+    async with aiohttp.ClientSession() as s, s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session") as ws:
+        await recv_json(ws, "hello")
+        async with asyncio.timeout(60):
+            while True:
+                await ws.send_bytes(b"\r")
+                try:
+                    await recv_until(ws, b"guest# ", timeout=3)
+                    break
+                except TimeoutError:
+                    continue
+        await ws.send_bytes(b"echo $((6*7))\r")
+        out = await recv_until(ws, b"\r\n42\r\n", timeout=20)
+        assert re.search(rb"\r\n42\r\n", out)
+
+
+async def test_missing_socket_is_stopped_then_connects_when_it_appears(
+    make_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """A console whose VM is not running is listed as stopped and connects by itself later."""
+    path = tmp_path / "late.serial"
+    d = await make_daemon([{"name": "late", "uart": f"unix:{path}"}])
+    await wait_for(lambda: d.consoles["late"].down_reason != "not connected yet", what="first attempt")
+    assert d.consoles["late"].state == "stopped"
+    assert "does not exist" in d.consoles["late"].down_reason
+    u = UartServer(path)
+    await u.start()
+    try:
+        await wait_for(lambda: d.consoles["late"].up, timeout=5, what="connect after the socket appears")
+        assert d.consoles["late"].state == "running"
+    finally:
+        await u.stop()
