@@ -1,8 +1,15 @@
 """The ``serialmuxd`` command: the daemon (run, demo, check-config, token) and the client.
 
-Exit statuses: 0 success; 1 runtime failure (or ``wait`` timed out); 2 usage or
-configuration error; 3 cannot reach the daemon; 4 refused (401/403/409…); 5
-session ended by someone else (taken over, disabled, shut down).
+Exit statuses:
+
+- 0  success; ``attach`` detached with Ctrl-] .; ``log --follow`` stopped with Ctrl-C
+- 1  runtime failure, connection lost, or ``wait`` timed out
+- 2  usage or configuration error (also a 400 from the daemon: bad parameter)
+- 3  cannot reach the daemon (not running, wrong ``--url``, untrusted TLS certificate)
+- 4  refused by the daemon: 401, 403, 404, 409, 429 (the daemon's message says why)
+- 5  the daemon ended the session or stream: taken over by someone else, console or
+     service disabled, console removed, daemon shutting down, idle timeout, too slow
+- 128+N  ``attach`` detached on signal N (SIGTERM, SIGHUP), terminal restored
 """
 
 from __future__ import annotations
