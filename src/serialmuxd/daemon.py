@@ -107,7 +107,9 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._local_servers: dict[str, asyncio.AbstractServer] = {}
+        self._local_paths: dict[str, Path] = {}
         self._stop = asyncio.Event()
+        self._shut_down = False
         self._log = log
 
     # --- task tracking ---------------------------------------------------------
@@ -263,6 +265,7 @@ class Daemon:
             self._log.error("local_socket_failed", console=console.name, error=e.strerror)
             return
         self._local_servers[console.name] = server
+        self._local_paths[console.name] = d / f"{console.name}.sock"
 
     async def _start_http(self) -> None:
         from serialmuxd.web import build_app
@@ -315,8 +318,9 @@ class Daemon:
             sd_notify(self._status_line())
 
     async def shutdown(self) -> None:
-        if not self.ready and not self.consoles and self._runner is None:
+        if self._shut_down:
             return
+        self._shut_down = True
         self.ready = False
         sd_notify("STOPPING=1")
         deadline = time.monotonic() + self.config.daemon.shutdown_timeout_s
@@ -354,7 +358,9 @@ class Daemon:
         for server in self._local_servers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 0.2)
-            _unlink_socket(server)
+        for path in self._local_paths.values():
+            with contextlib.suppress(OSError):
+                path.unlink()
         if self._watcher is not None:
             self._watcher.close()
         if self.audit is not None:
@@ -423,7 +429,10 @@ class Daemon:
         server = self._local_servers.pop(name, None)
         if server is not None:
             server.close()
-            _unlink_socket(server)
+        path = self._local_paths.pop(name, None)
+        if path is not None:
+            with contextlib.suppress(OSError):
+                path.unlink()
         ending = Ending(EndReason.REMOVED, message=f"console {name} was removed from the configuration")
         await console.stop(ending)
         if console.qmp is not None:
@@ -530,11 +539,3 @@ def _bound_of(site: web.TCPSite, tls: bool) -> list[Bound]:
         addr = sock.getsockname()
         out.append(Bound(addr[0], addr[1], tls))
     return out
-
-
-def _unlink_socket(server: asyncio.AbstractServer) -> None:
-    for sock in getattr(server, "sockets", None) or []:
-        with contextlib.suppress(OSError, TypeError):
-            name = sock.getsockname()
-            if isinstance(name, str) and name:
-                os.unlink(name)
