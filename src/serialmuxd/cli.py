@@ -49,9 +49,12 @@ def _add_client_options(p: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    doc = __doc__ or ""
     parser = argparse.ArgumentParser(
         prog="serialmuxd",
         description="VM serial console server: drains every UART, ring-logs it, one interactive session.",
+        epilog=doc[doc.find("Exit statuses:") :] if "Exit statuses:" in doc else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"serialmuxd {__version__}")
     _add_client_options(parser, suppress=False)

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import structlog
 from aiohttp import WSMsgType, web
 
 from serialmuxd import __version__
@@ -28,6 +29,7 @@ from serialmuxd.wssession import StreamSession, WsSession
 if TYPE_CHECKING:
     from serialmuxd.daemon import Daemon
 
+log = structlog.get_logger("serialmuxd.web")
 DAEMON: web.AppKey[Daemon] = web.AppKey("daemon")
 COOKIE = "serialmuxd_session"
 # Keystrokes arrive in small frames; a paste is split by the client.  Larger
@@ -393,7 +395,13 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
     )
     if replay:
         session.deliver(replay)
-    with daemon.track_session(session):
+    with (
+        daemon.track_session(session),
+        structlog.contextvars.bound_contextvars(
+            console=console.name, session=session.id, user=principal.name, peer=session.peer
+        ),
+    ):
+        log.info("session_started", mode=mode.value, replay_bytes=len(replay))
         pump = asyncio.get_running_loop().create_task(session.pump(), name=f"pump:{session.id}")
         try:
             await _read_client(ws, session, console)
@@ -408,6 +416,8 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
                     pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                 await pump
+            ending = session.ending
+            log.info("session_ended", reason=ending.reason.label if ending else "client_left")
     return ws
 
 
