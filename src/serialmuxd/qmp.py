@@ -56,6 +56,8 @@ class QmpMonitor:
                 try:
                     await asyncio.wait_for(client.connect(self.path), COMMAND_TIMEOUT_S)
                 except (OSError, QMPError, TimeoutError) as e:
+                    if self._watcher is not None:
+                        self._watcher.register(self.path, wake)  # idempotent; late directories
                     self.last_error = describe_error(e) if isinstance(e, OSError) else str(e)
                     with contextlib.suppress(Exception):
                         await client.disconnect()

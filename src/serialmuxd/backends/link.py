@@ -93,6 +93,9 @@ class LinkBackend(Backend):
                 try:
                     _, proto = await self.open()
                 except (OSError, ValueError) as e:
+                    if self._watcher is not None and self.watch_path:
+                        # Idempotent; picks up a socket directory created after start-up.
+                        self._watcher.register(self.watch_path, wake)
                     reason = describe_error(e)
                     if reason != self.last_error:
                         self.last_error = reason
