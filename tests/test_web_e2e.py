@@ -25,6 +25,7 @@ import pytest
 from serialmuxd.daemon import Daemon
 from tests.conftest import REPO, DaemonFactory, Users, url_of, wait_for
 from tests.guest import GuestFactory
+from tests.test_pages import tls_files  # noqa: F401  (fixture)
 
 playwright_api = pytest.importorskip("playwright.async_api")
 
@@ -393,6 +394,41 @@ async def test_vm_stopped_and_console_disabled_banners(
     await ctx.close()
 
 
+async def test_vm_power_off_and_on_shows_then_clears_the_stopped_banner(
+    make_daemon: DaemonFactory, users: Users, browser: Browser
+) -> None:
+    """The guest powers off: "VM stopped, waiting"; it boots again: the banner goes and the
+    same session shows the new boot without a reload."""
+    d = await make_daemon([{"name": "demo", "uart": "demo:?boot=0&off=1"}], users=users.config())
+    ctx, page = await new_user_page(browser)
+    await login(page, url_of(d), users.tokens["contributor"])
+    await open_console(page, "demo")
+    await wait_term(page, "demo# ")
+    boots = (await term_text(page)).count("Linux version")
+    await type_line(page, "poweroff")
+    assert "waiting for it to start" in await banner(page, "stopped")
+    await page.locator("#banner").wait_for(state="hidden")
+    assert "VM running" in await page.inner_text("#status")
+    await wait_term(page, re.compile(f"(Linux version.*){{{boots + 1}}}", re.S))
+    await ctx.close()
+
+
+async def test_idle_timeout_closes_with_a_reconnect_button_and_no_retry_loop(
+    make_daemon: DaemonFactory, users: Users, browser: Browser
+) -> None:
+    d = await make_daemon([DEMO], users=users.config(), defaults={"idle_timeout_s": 1})
+    ctx, page = await new_user_page(browser)
+    await login(page, url_of(d), users.tokens["contributor"])
+    await open_console(page, "demo")
+    text = await banner(page, "idle")
+    assert "no keystroke for 1 s" in text
+    await asyncio.sleep(1.5)
+    assert d.consoles["demo"].active is None  # still not reconnected by itself
+    await page.click("#banner-action")
+    await wait_connected(page)
+    await ctx.close()
+
+
 async def test_connection_lost_reconnects_with_back_off_when_the_daemon_returns(
     make_daemon: DaemonFactory, users: Users, browser: Browser, tmp_path: Path
 ) -> None:
@@ -419,6 +455,31 @@ async def test_connection_lost_reconnects_with_back_off_when_the_daemon_returns(
     await wait_for(
         lambda: b"echo back" in d2.consoles["demo"].ring.read(-200)[1], 10, "typing after the restart"
     )
+    await ctx.close()
+
+
+async def test_the_console_works_over_tls(
+    make_daemon: DaemonFactory,
+    users: Users,
+    browser: Browser,
+    tls_files: tuple[Path, Path],  # noqa: F811  (the fixture imported above)
+) -> None:
+    """Over HTTPS the Secure cookie comes back and the terminal connects with wss."""
+    cert, key = tls_files
+    d = await make_daemon([DEMO], users=users.config(), http={"tls_cert": str(cert), "tls_key": str(key)})
+    base = url_of(d)
+    assert base.startswith("https://")
+    ctx = await browser.new_context(viewport=WIDE, ignore_https_errors=True)
+    page = await ctx.new_page()
+    page.set_default_timeout(20_000)
+    problems = Problems()
+    problems.watch(page)
+    await login(page, base, users.tokens["contributor"])
+    assert [c["secure"] for c in await ctx.cookies()] == [True]
+    await open_console(page, "demo")
+    await type_line(page, "echo $((6*7))")
+    await wait_term(page, "\n42\n")
+    assert problems.items == []
     await ctx.close()
 
 

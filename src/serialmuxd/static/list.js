@@ -57,6 +57,10 @@
     reason.className = "sub";
     stateTd.appendChild(reason);
     const sessionTd = cell(tr, "session", "Interactive session");
+    const holder = document.createElement("span");
+    const since = document.createElement("span");
+    since.className = "sub";
+    sessionTd.append(holder, since);
     const watchersTd = cell(tr, "num watchers", "Watchers");
     const logTd = cell(tr, "num log", "Log");
     const actions = cell(tr, "actions", "");
@@ -71,7 +75,7 @@
     watch.textContent = "Watch";
     watch.setAttribute("aria-label", "Watch console " + name + " read-only");
     actions.append(open, watch);
-    return { tr, badge, reason, sessionTd, watchersTd, logTd };
+    return { tr, badge, reason, holder, since, watchersTd, logTd };
   }
 
   function setText(el, text) {
@@ -88,13 +92,16 @@
     setText(r.reason, why);
     r.reason.hidden = !why;
     if (c.session) {
-      const since = ago(c.session.since);
-      setText(r.sessionTd, c.session.user + " from " + c.session.peer + (since ? ", for " + since : ""));
-      r.sessionTd.title = "since " + c.session.since;
+      const t = new Date(c.session.since);
+      const when = isNaN(t.getTime()) ? "" : "since " + t.toLocaleTimeString() + " (" + ago(c.session.since) + ")";
+      setText(r.holder, c.session.user + " from " + c.session.peer);
+      setText(r.since, when);
+      r.since.title = c.session.since;
     } else {
-      setText(r.sessionTd, "free");
-      r.sessionTd.removeAttribute("title");
+      setText(r.holder, "free");
+      setText(r.since, "");
     }
+    r.since.hidden = !c.session;
     setText(r.watchersTd, String(c.watchers));
     const size = Math.min(c.log.next - c.log.first, c.log.capacity);
     setText(r.logTd, formatBytes(size) + " of " + formatBytes(c.log.capacity));
