@@ -8,7 +8,7 @@ test: setup-test lint
 	.venv/bin/pytest -q
 
 lint:
-	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff check .
 	.venv/bin/ruff format --check src tests
 	.venv/bin/mypy
 
