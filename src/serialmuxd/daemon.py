@@ -110,6 +110,8 @@ class Daemon:
         self._local_paths: dict[str, Path] = {}
         self._stop = asyncio.Event()
         self._shut_down = False
+        self._last_status = ""
+        self._reload_lock = asyncio.Lock()
         self._log = log
 
     # --- task tracking ---------------------------------------------------------
@@ -191,12 +193,23 @@ class Daemon:
             listen=[b.url for b in self.bound],
             seconds=round(elapsed, 3),
         )
-        sd_notify("READY=1\n" + self._status_line())
+        self._notify_status("READY=1")
 
     def _status_line(self) -> str:
         up = sum(1 for c in self.consoles.values() if c.up)
         active = sum(1 for c in self.consoles.values() if c.active is not None)
-        return f"STATUS={len(self.consoles)} consoles, {up} connected, {active} interactive sessions"
+        n = len(self.consoles)
+        return (
+            f"STATUS={n} console{'' if n == 1 else 's'}, {up} connected, "
+            f"{active} interactive session{'' if active == 1 else 's'}"
+        )
+
+    def _notify_status(self, *also: str) -> None:
+        """Tell systemd the counts (``systemctl status``), only when they changed."""
+        line = self._status_line()
+        if also or line != self._last_status:
+            self._last_status = line
+            sd_notify("\n".join((*also, line)))
 
     def _cookie_key(self) -> bytes:
         """A per-host secret for session cookies, kept so logins survive restarts."""
@@ -315,7 +328,7 @@ class Daemon:
                 # msync off the loop: the ring is durable against a daemon crash
                 # already (page cache); this only narrows the window of a host crash.
                 await asyncio.to_thread(_flush_all, rings)
-            sd_notify(self._status_line())
+            self._notify_status()
 
     async def shutdown(self) -> None:
         if self._shut_down:
@@ -370,36 +383,46 @@ class Daemon:
     # --- reload (SIGHUP) ----------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config; untouched consoles keep their link and sessions."""
+        """Re-read the config file; untouched consoles keep their link and sessions.
+
+        A file that does not load is refused with a log line and an audit event,
+        and the running configuration stays.  Reloads run one at a time, so two
+        quick SIGHUPs apply in order.
+        """
         if self.config_path is None:
+            self._log.warning("reload_ignored", detail="running without a config file (demo)")
             return False
-        try:
-            new = load_config(self.config_path)
-        except ConfigError as e:
-            self._log.error("reload_refused", error=str(e))
-            self.audit_event("config_reload", user="", peer="signal", result="refused", reason=str(e))
-            return False
-        await self.apply_config(new)
-        return True
+        async with self._reload_lock:
+            # systemd shows "reloading" until the READY=1 below.
+            sd_notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                try:
+                    new = await asyncio.to_thread(load_config, self.config_path)
+                except ConfigError as e:
+                    self._log.error("reload_refused", error=str(e), detail="the running configuration stays")
+                    self.audit_event("config_reload", user="", peer="signal", result="refused", reason=str(e))
+                    return False
+                await self.apply_config(new)
+                return True
+            finally:
+                self._notify_status("READY=1")
 
     async def apply_config(self, new: Config) -> None:
         old = self.config
-        if (
-            new.http != old.http
-            or new.daemon.state_dir != old.daemon.state_dir
-            or (new.daemon.unix_listen_dir != old.daemon.unix_listen_dir)
-        ):
-            self._log.warning(
-                "reload_needs_restart", detail="[http] and [daemon] paths apply at the next restart"
-            )
-        new = _keep_daemon_and_http(new, old)
+        new, pending = _merge_live(new, old)
+        if pending:
+            self._log.warning("reload_needs_restart", keys=pending, detail="these apply at the next restart")
         old_by = {c.name: c for c in old.consoles}
         new_by = {c.name: c for c in new.consoles}
         removed = [n for n in old_by if n not in new_by]
         added = [n for n in new_by if n not in old_by]
         changed = [n for n in new_by if n in old_by and _link_key(new_by[n]) != _link_key(old_by[n])]
-        for name in removed + changed:
-            await self._remove_console(name)
+        for name in removed:
+            await self._remove_console(name, f"console {name} was removed from the configuration")
+        for name in changed:
+            await self._remove_console(
+                name, f"console {name} was re-opened: its uart, qmp, baud or ring_bytes changed; reconnect"
+            )
         self.config = new
         self.auth = Authenticator(new.users, self.auth._cookie_key)
         for name in added + changed:
@@ -411,7 +434,8 @@ class Daemon:
                 self.consoles[name].cfg = ccfg  # replay, idle timeout, detach sequence…
         # Keep the order of the file for listings.
         self.consoles = {n: self.consoles[n] for n in new_by}
-        self._log.info("reloaded", added=added, removed=removed, changed=changed)
+        revoked = self._end_revoked_sessions()
+        self._log.info("reloaded", added=added, removed=removed, changed=changed, revoked=revoked)
         self.audit_event(
             "config_reload",
             user="",
@@ -420,9 +444,45 @@ class Daemon:
             added=added,
             removed=removed,
             changed=changed,
+            sessions_revoked=revoked or None,
+            restart_needed=pending or None,
         )
 
-    async def _remove_console(self, name: str) -> None:
+    def _end_revoked_sessions(self) -> int:
+        """Close HTTP sessions whose user lost the role they need (4003).
+
+        A reload that removes a user or a grant must not leave that user typing
+        into a console.  Local-socket sessions are guarded by the socket's file
+        mode and group, not by [[user]], so they stay.
+        """
+        from serialmuxd.auth import Principal
+        from serialmuxd.config import Role
+        from serialmuxd.localsock import LocalSession
+        from serialmuxd.session import Mode
+
+        if self.auth.open_access:
+            return 0
+        users = {u.name: Principal(u.name, u.roles) for u in self.config.users}
+        n = 0
+        for c in self.consoles.values():
+            for s in c.sessions():
+                if isinstance(s, LocalSession):
+                    continue
+                need = Role.CONTRIBUTOR if s.mode is Mode.INTERACTIVE else Role.READER
+                p = users.get(s.user)
+                if p is not None and p.may(need, c.name):
+                    continue
+                s.end(
+                    Ending(
+                        EndReason.DISABLED,
+                        message=f"{need.label} on {c.name} was withdrawn from {s.user} by a configuration reload",
+                    )
+                )
+                c.detach(s, EndReason.DISABLED)
+                n += 1
+        return n
+
+    async def _remove_console(self, name: str, why: str) -> None:
         console = self.consoles.pop(name, None)
         if console is None:
             return
@@ -433,8 +493,7 @@ class Daemon:
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
-        ending = Ending(EndReason.REMOVED, message=f"console {name} was removed from the configuration")
-        await console.stop(ending)
+        await console.stop(Ending(EndReason.REMOVED, message=why))
         if console.qmp is not None:
             for t in list(self._tasks):
                 if t.get_name() == f"qmp:{name}":
@@ -526,10 +585,25 @@ def _link_key(c: ConsoleConfig) -> tuple[object, ...]:
     return (c.uart, c.qmp, c.qmp_chardev, c.settings.ring_bytes, c.settings.baud)
 
 
-def _keep_daemon_and_http(new: Config, old: Config) -> Config:
-    from dataclasses import replace
+# Bound at start-up: a reload cannot move a listener or a directory.
+_RESTART_HTTP = ("listen", "tls_cert", "tls_key", "tls_client_ca", "metrics_listen", "allow_plaintext")
 
-    return replace(new, http=old.http, daemon=old.daemon)
+
+def _merge_live(new: Config, old: Config) -> tuple[Config, list[str]]:
+    """The new config with what only a restart can change kept as it runs; and those keys.
+
+    [http] path_prefix, trusted_proxies and session_cookie_max_age_s apply live.
+    """
+    from dataclasses import fields, replace
+
+    pending = [f"http.{k}" for k in _RESTART_HTTP if getattr(new.http, k) != getattr(old.http, k)]
+    pending += [
+        f"daemon.{f.name}"
+        for f in fields(old.daemon)
+        if getattr(new.daemon, f.name) != getattr(old.daemon, f.name)
+    ]
+    http = replace(new.http, **{k: getattr(old.http, k) for k in _RESTART_HTTP})
+    return replace(new, http=http, daemon=old.daemon), pending
 
 
 def _bound_of(site: web.TCPSite, tls: bool) -> list[Bound]:
