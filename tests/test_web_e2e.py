@@ -442,6 +442,8 @@ async def test_connection_lost_reconnects_with_back_off_when_the_daemon_returns(
     await login(page, base, users.tokens["contributor"])
     await open_console(page, "demo")
     await wait_term(page, "demo# ")
+    await type_line(page, "echo before-restart")
+    await wait_term(page, "\nbefore-restart\n")
     await d1.shutdown()
     text = await banner(page, "lost")
     assert "reconnecting in" in text
@@ -455,6 +457,9 @@ async def test_connection_lost_reconnects_with_back_off_when_the_daemon_returns(
     await wait_for(
         lambda: b"echo back" in d2.consoles["demo"].ring.read(-200)[1], 10, "typing after the restart"
     )
+    # The replay after reconnecting continues the screen: nothing already shown comes twice.
+    text = await wait_term(page, "\nback\n")
+    assert text.count("echo before-restart") == 1, text
     await ctx.close()
 
 
@@ -502,6 +507,8 @@ async def test_screenshots_of_the_list_and_a_console(
     await open_console(page, "db-1")  # someone holds db-1 while the list is taken
     await wait_term(page, "demo# ")
     ctx2, page2 = await new_user_page(browser)
+    await page2.goto(base + "/login")
+    await shot(page2, "login-1280x800")
     await login(page2, base, users.tokens["owner"])
     await page2.locator("tr[data-console='db-1'] td.session", has_text="contributor").wait_for()
     await shot(page2, "list-1280x800")
