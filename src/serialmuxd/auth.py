@@ -109,7 +109,9 @@ class Authenticator:
         want = hmac.new(
             self._cookie_key, f"{name}|{expiry}".encode() + user.token_sha256, hashlib.sha256
         ).hexdigest()
-        if not hmac.compare_digest(want, mac):
+        # Bytes, not str: compare_digest raises on non-ASCII str, and the MAC part is
+        # whatever the client sent.
+        if not hmac.compare_digest(want.encode(), mac.encode()):
             return None
         if expiry < (now if now is not None else time.time()):
             return None
@@ -155,4 +157,9 @@ class FailureLimiter:
             self._peers.pop(next(iter(self._peers)))
 
     def succeeded(self, peer: str) -> None:
-        self._peers.pop(peer, None)
+        """A good credential does not wipe the peer's record of failures.
+
+        Otherwise anyone holding one valid (say, reader) token could interleave it
+        with guesses and never be slowed down.  Failures expire ``window_s`` after
+        the last one.
+        """

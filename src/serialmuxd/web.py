@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlsplit
 
 import structlog
 from aiohttp import WSMsgType, web
@@ -126,7 +128,9 @@ async def authenticate(request: web.Request) -> Principal:
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             principal = daemon.auth.from_token(token.strip())
-    elif COOKIE in request.cookies:
+    elif COOKIE in request.cookies and not daemon.auth.open_access:
+        # (With no users no cookie can be valid: one left from before is ignored,
+        # as the pages ignore it.)
         presented = True
         principal = daemon.auth.from_cookie(request.cookies[COOKIE])
         if principal is not None:
@@ -135,6 +139,7 @@ async def authenticate(request: web.Request) -> Principal:
         daemon.limiter.succeeded(peer)
         return principal
     if not presented and daemon.auth.open_access:
+        check_open_access(request)
         return ANONYMOUS_OWNER
     daemon.limiter.failed(peer, now)
     daemon.metrics.auth_failures += 1
@@ -154,7 +159,38 @@ async def authenticate(request: web.Request) -> Principal:
     )
 
 
-def check_origin(request: web.Request) -> None:
+def check_open_access(request: web.Request) -> None:
+    """Open access trusts whoever reaches the listener, not every site the operator browses.
+
+    A browser sends Origin on WebSocket upgrades and cross-site POSTs, so a
+    foreign Origin is refused as with cookies; programs send none.  DNS
+    rebinding (evil.example re-resolved to 127.0.0.1) is same-origin with
+    itself, so a browser's request (Origin or Sec-Fetch-*, which pages cannot
+    forge or drop) must be addressed to an IP address or localhost, never to a
+    name someone else controls.
+    """
+    own = request.app[DAEMON].own_origins(request)
+    hosts = {urlsplit(o).hostname or "" for o in own}
+    browser = "Origin" in request.headers or any(k.lower().startswith("sec-fetch-") for k in request.headers)
+    if browser and not any(h == "localhost" or h.endswith(".localhost") or _is_ip(h) for h in hosts):
+        fail(
+            403,
+            "bad_host",
+            "this daemon has no users (open access) and answers only requests addressed to an "
+            "IP address or localhost: use its address, or configure users to serve a host name",
+        )
+    check_origin(request, required=False)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_origin(request: web.Request, *, required: bool = True) -> None:
     """Cookie-authenticated upgrades and writes must come from our own page.
 
     Browsers attach cookies to cross-site WebSocket upgrades (SameSite does
@@ -165,6 +201,8 @@ def check_origin(request: web.Request) -> None:
         return
     origin = request.headers.get("Origin")
     if origin is None:
+        if not required:
+            return
         fail(
             403,
             "bad_origin",
@@ -203,10 +241,12 @@ def get_console(request: web.Request) -> Console:
 
 async def console_for(request: web.Request, role: Role) -> tuple[Console, Principal]:
     principal = await authenticate(request)
-    console = get_console(request)
-    if not principal.may(role, console.name):
-        fail(403, "forbidden", need_message(role, console.name))
-    return console, principal
+    name = request.match_info["name"]
+    # The role is checked on the name before the console is looked up, so only
+    # those with a role on a name learn whether it exists (404).
+    if validate_console_name(name) is None and not principal.may(role, name):
+        fail(403, "forbidden", need_message(role, name))
+    return get_console(request), principal
 
 
 # --- JSON shapes ---------------------------------------------------------------
@@ -357,6 +397,7 @@ async def read_log(request: web.Request) -> web.StreamResponse:
 async def ws_session(request: web.Request) -> web.StreamResponse:
     mode_s = request.query.get("mode", "interactive")
     if mode_s not in {"interactive", "watch"}:
+        await authenticate(request)  # strangers get 401, whatever they send
         fail(400, "bad_parameter", "mode must be interactive or watch")
     mode = Mode(mode_s)
     console, principal = await console_for(
@@ -635,6 +676,7 @@ async def get_audit(request: web.Request) -> web.Response:
     if console is not None:
         reason = validate_console_name(console)
         if reason:
+            await authenticate(request)  # strangers get 401, whatever they send
             fail(400, "bad_parameter", reason)
     await require(request, Role.OWNER, console)
     since_raw = request.query.get("since")
