@@ -85,8 +85,7 @@ def guest_images() -> tuple[Path, Path]:
     )
     if result.returncode != 0:
         raise RuntimeError(
-            f"{BUILD_SCRIPT} failed with status {result.returncode}:\n"
-            f"{result.stdout}{result.stderr}"
+            f"{BUILD_SCRIPT} failed with status {result.returncode}:\n{result.stdout}{result.stderr}"
         )
     out = guest_dir()
     return out / "vmlinuz", out / "initrd.gz"
@@ -284,8 +283,7 @@ class QemuGuest:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"QEMU's endpoints did not appear within {self.start_timeout}s:\n"
-                    f"{self.log_tail()}"
+                    f"QEMU's endpoints did not appear within {self.start_timeout}s:\n{self.log_tail()}"
                 )
             time.sleep(0.02)
 
@@ -376,9 +374,7 @@ class UartClient:
     ``transcript`` keeps every byte received, for failure messages.
     """
 
-    def __init__(
-        self, path: Path | str, *, pty: bool = False, connect_timeout: float = 10.0
-    ) -> None:
+    def __init__(self, path: Path | str, *, pty: bool = False, connect_timeout: float = 10.0) -> None:
         self.path = str(path)
         self.transcript = bytearray()
         self.last_match: re.Match[bytes] | None = None
@@ -442,9 +438,7 @@ class UartClient:
         self._pending += data
         return data
 
-    def read_until(
-        self, pattern: bytes | re.Pattern[bytes], timeout: float = BOOT_TIMEOUT
-    ) -> bytes:
+    def read_until(self, pattern: bytes | re.Pattern[bytes], timeout: float = BOOT_TIMEOUT) -> bytes:
         """Consume and return output up to and including the first match.
 
         ``pattern`` is a literal byte string or a compiled bytes regex; the
