@@ -65,17 +65,31 @@ class Bound:
 
 
 def server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
+    """TLS 1.2 or newer; client certificates from ``client_ca`` required when it is set.
+
+    A file that cannot be used stops the start with the config key that names it.
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for k, path in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
+        if path and not os.access(path, os.R_OK):
+            why = "no such file" if not os.path.exists(path) else "not readable by this user"
+            raise StartupError(f"http.{k}: cannot read {path}: {why}")
     try:
         ctx.load_cert_chain(cert, key)
-        if client_ca:
-            ctx.load_verify_locations(cafile=client_ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as e:
         raise StartupError(
-            f"cannot load TLS files ({cert}, {key}, {client_ca or 'no client CA'}): {e}"
+            f"http.tls_cert, http.tls_key: {cert} and {key} are not a PEM certificate and its "
+            f"private key: {getattr(e, 'reason', None) or e}"
         ) from e
+    if client_ca:
+        try:
+            ctx.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as e:
+            raise StartupError(
+                f"http.tls_client_ca: {client_ca} holds no PEM CA certificate: {getattr(e, 'reason', None) or e}"
+            ) from e
+        ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
 
 
@@ -105,6 +119,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: DirWatcher | None = None
         self._runner: web.AppRunner | None = None
+        self._ssl_ctx: ssl.SSLContext | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._local_servers: dict[str, asyncio.AbstractServer] = {}
         self._local_paths: dict[str, Path] = {}
@@ -163,6 +178,10 @@ class Daemon:
     async def startup(self) -> None:
         cfg = self.config
         t0 = time.monotonic()
+        http = cfg.http
+        # TLS files first: a bad one stops the start before any console is opened.
+        if http.tls:
+            self._ssl_ctx = server_ssl_context(http.tls_cert, http.tls_key, http.tls_client_ca)
         try:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
@@ -284,7 +303,7 @@ class Daemon:
         from serialmuxd.web import build_app
 
         http = self.config.http
-        ssl_ctx = server_ssl_context(http.tls_cert, http.tls_key, http.tls_client_ca) if http.tls else None
+        ssl_ctx = self._ssl_ctx
         app = build_app(self)
         # Request lines up to 64 KiB: a /wait pattern of 4096 characters, percent-encoded,
         # must reach our handler (and its JSON error) rather than the parser's plain-text 400.
