@@ -286,15 +286,18 @@ class Console:
             self._send_detach_sequence()
 
     def _drop(self, session: Session) -> None:
-        self.counters.drop(EndReason.TOO_SLOW.label)
-        self._log.warning("session_too_slow", session=session.id, user=session.user, peer=session.peer)
-        session.end(
-            Ending(
-                EndReason.TOO_SLOW,
-                message="your connection could not keep up with the console output; reconnect to resume",
-            )
+        self.drop(
+            session,
+            EndReason.TOO_SLOW,
+            "your connection could not keep up with the console output; reconnect to resume",
         )
-        self.detach(session, EndReason.TOO_SLOW)
+
+    def drop(self, session: Session, reason: EndReason, message: str) -> None:
+        """End a session the server gave up on (too slow, unresponsive): counted and logged."""
+        self.counters.drop(reason.label)
+        self._log.warning(f"session_{reason.label}", session=session.id, user=session.user, peer=session.peer)
+        session.end(Ending(reason, message=message))
+        self.detach(session, reason)
 
     def end_all(self, ending: Ending) -> None:
         for s in self.sessions():

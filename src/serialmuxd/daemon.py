@@ -341,6 +341,9 @@ class Daemon:
             now = time.monotonic()
             for c in list(self.consoles.values()):
                 c.check_idle(now)
+            for s in list(self.sessions):
+                if s.ending is None and s.connection_gone():
+                    s.end(Ending(EndReason.CLIENT_LEFT))
             if now - last_flush >= FLUSH_EVERY_S:
                 last_flush = now
                 rings = [c.ring for c in self.consoles.values()]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from serialmuxd.console import Console
 
 P = "serialmuxd_"
-DROP_REASONS = ("too_slow",)
+DROP_REASONS = ("too_slow", "unresponsive")
 MAX_ROUTES = 200  # routes are the app's own patterns, but bound the table anyway
 
 

@@ -34,6 +34,8 @@ class EndReason(enum.Enum):
     REMOVED = (4004, "removed")
     IDLE = (4008, "idle_timeout")
     TOO_SLOW = (4009, "too_slow")
+    # No answer to pings (vanished host, half-open TCP): nothing can be sent any more.
+    UNRESPONSIVE = (1006, "unresponsive")
 
     @property
     def code(self) -> int:
@@ -81,6 +83,10 @@ class Session(abc.ABC):
     def _close(self, ending: Ending) -> None:
         """Tell the client why (frame or text line) and close the transport."""
 
+    def connection_gone(self) -> bool:
+        """True when the client hung up but nothing noticed yet (checked by housekeeping)."""
+        return False
+
     def end(self, ending: Ending) -> None:
         """Close once; later calls keep the first reason (it is the one the user sees)."""
         if self.ending is not None:
@@ -96,6 +102,8 @@ class Session(abc.ABC):
 # Coalesce queued output into frames of at most this size: one syscall per
 # frame, yet a frame never holds a client's whole backlog.
 MAX_FRAME = 64 * 1024
+# How long an ended session may take to say goodbye before its connection is cut.
+FINISH_TIMEOUT_S = 2.0
 
 
 class QueuedSession(Session):
@@ -113,6 +121,8 @@ class QueuedSession(Session):
         self._queued = 0
         self._items: deque[bytearray | str] = deque()
         self._wake = asyncio.Event()
+        self._finished = False
+        self._cut_timer: asyncio.TimerHandle | None = None
 
     def deliver(self, data: bytes) -> bool:
         if self.ending is not None:
@@ -143,9 +153,34 @@ class QueuedSession(Session):
 
     def _close(self, ending: Ending) -> None:
         self._wake.set()
+        # The pump may be blocked in a send to a client that stopped reading: it
+        # would never reach the goodbye and the connection would stay open for
+        # ever.  Past the bound, cut it.
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._cut_timer = loop.call_later(FINISH_TIMEOUT_S, self._cut)
+
+    def _cut(self) -> None:
+        self._cut_timer = None
+        if not self._finished:
+            self._abort()
+
+    def _abort(self) -> None:
+        """Drop the transport at once, unsent output and all."""
 
     async def pump(self) -> None:
         """Send queued items until the session ends; then send the ending."""
+        try:
+            await self._pump()
+        finally:
+            self._finished = True
+            if self._cut_timer is not None:
+                self._cut_timer.cancel()
+                self._cut_timer = None
+
+    async def _pump(self) -> None:
         items = self._items
         while True:
             if self.ending is not None and self.ending.reason is EndReason.TOO_SLOW:

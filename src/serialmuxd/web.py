@@ -37,6 +37,9 @@ COOKIE = "serialmuxd_session"
 # Keystrokes arrive in small frames; a paste is split by the client.  Larger
 # frames are refused (1009) rather than buffered.
 MAX_WS_MESSAGE = 64 * 1024
+# A client that answers no ping for WS_HEARTBEAT_S * 1.5 is gone (vanished
+# host, half-open TCP) and is dropped as ``unresponsive``.
+WS_HEARTBEAT_S = 30.0
 JSON_CT = "application/json"
 
 
@@ -385,9 +388,9 @@ async def read_log(request: web.Request) -> web.StreamResponse:
             if data:
                 await resp.write(data)
             await session.pump()
-        except (ConnectionError, asyncio.CancelledError):
+        except ConnectionError:
+            # The follower left or was cut (too slow): an ordinary end, not a server error.
             reason = EndReason.CLIENT_LEFT
-            raise
         finally:
             session.end(Ending(reason))
             console.detach(session, session.ending.reason if session.ending else reason)
@@ -406,7 +409,7 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
     if not (console.enabled and console.service_enabled):
         fail(409, "disabled", console.disabled_message())
     daemon = request.app[DAEMON]
-    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=30.0, compress=False)
+    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=WS_HEARTBEAT_S, compress=False)
     await ws.prepare(request)
     session = WsSession(
         ws,
@@ -447,6 +450,8 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
         try:
             await _read_client(ws, session, console)
         finally:
+            if session.ending is None and isinstance(ws.exception(), TimeoutError):
+                console.drop(session, EndReason.UNRESPONSIVE, "no answer to pings")
             session.end(Ending(EndReason.CLIENT_LEFT))
             console.detach(session, session.ending.reason if session.ending else EndReason.CLIENT_LEFT)
             if not pump.done():
@@ -647,6 +652,10 @@ async def wait_output(request: web.Request) -> web.Response:
                 {"error": "timeout", "message": f"no match for the pattern within {timeout} s", "next": pos},
                 status=408,
             )
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            # The caller hung up: stop matching for nobody (499, as nginx logs it).
+            return web.Response(status=499)
         await asyncio.sleep(WAIT_POLL_S)
 
 

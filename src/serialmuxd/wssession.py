@@ -6,10 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from serialmuxd.session import Ending, EndReason, Mode, QueuedSession
-
-# How long a closing session may take to say goodbye before its socket is cut.
-FINISH_TIMEOUT_S = 2.0
+from serialmuxd.session import FINISH_TIMEOUT_S, Ending, EndReason, Mode, QueuedSession
 
 
 class WsSession(QueuedSession):
@@ -25,6 +22,11 @@ class WsSession(QueuedSession):
     ) -> None:
         super().__init__(console=console, user=user, peer=peer, mode=mode, bound=bound)
         self.ws = ws
+        self._transport = _transport_of(ws)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     async def _send_bytes(self, data: bytes) -> None:
         await self.ws.send_bytes(data)
@@ -44,9 +46,13 @@ class WsSession(QueuedSession):
                 await self.ws.close(code=ending.reason.code, message=ending.reason.label.encode())
         except (TimeoutError, ConnectionError, RuntimeError):
             # A stuck or vanished client: cut it; it can't be told anything more.
-            transport = self.ws._req.transport if self.ws._req is not None else None
-            if transport is not None:
-                transport.abort()
+            self._abort()
+            return
+        t = self._transport
+        if t is not None and t.get_write_buffer_size():
+            # Closed (e.g. by the heartbeat) with output still unsent: a close()
+            # would wait for a reader that is not coming.
+            t.abort()
 
 
 class StreamSession(QueuedSession):
@@ -55,6 +61,21 @@ class StreamSession(QueuedSession):
     def __init__(self, resp: web.StreamResponse, *, console: str, user: str, peer: str, bound: int) -> None:
         super().__init__(console=console, user=user, peer=peer, mode=Mode.WATCH, bound=bound)
         self.resp = resp
+
+    def _transport(self) -> asyncio.Transport | None:
+        req = self.resp._req  # set by prepare()
+        return None if req is None else req.transport
+
+    def _abort(self) -> None:
+        transport = self._transport()
+        if transport is not None:
+            transport.abort()
+
+    def connection_gone(self) -> bool:
+        # A follower of a quiet console is only written to when output comes;
+        # without this check one that hung up would wait for ever.
+        transport = self._transport()
+        return self.resp.prepared and (transport is None or transport.is_closing())
 
     async def _send_bytes(self, data: bytes) -> None:
         await self.resp.write(data)
@@ -67,4 +88,9 @@ class StreamSession(QueuedSession):
             async with asyncio.timeout(FINISH_TIMEOUT_S):
                 await self.resp.write_eof()
         except (TimeoutError, ConnectionError, RuntimeError):
-            pass
+            self._abort()
+
+
+def _transport_of(ws: web.WebSocketResponse) -> asyncio.Transport | None:
+    req = ws._req  # set by prepare(), which runs before a session is made
+    return None if req is None else req.transport
