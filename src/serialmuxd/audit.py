@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,14 +88,18 @@ class AuditLog:
     def read(
         self, console: str | None = None, since: float | None = None, limit: int = 10_000
     ) -> list[dict[str, object]]:
-        return list(self._iter(console, since, limit))
+        """The newest ``limit`` matching events, oldest first.
 
-    def _iter(self, console: str | None, since: float | None, limit: int) -> Iterator[dict[str, object]]:
+        The newest, not the first: on a host that has run for months the first
+        10,000 events are history, and what an auditor asks for is the recent ones.
+        """
+        return list(deque(self._iter(console, since), maxlen=limit))
+
+    def _iter(self, console: str | None, since: float | None) -> Iterator[dict[str, object]]:
         try:
             f = open(self.path, "rb")  # noqa: SIM115
         except OSError:
             return
-        n = 0
         with f:
             for raw in f:
                 try:
@@ -115,9 +120,6 @@ class AuditLog:
                     if t < since:
                         continue
                 yield entry
-                n += 1
-                if n >= limit:
-                    return
 
     def close(self) -> None:
         if self._fd >= 0:

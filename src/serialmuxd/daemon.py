@@ -527,6 +527,14 @@ class Daemon:
     def set_enabled(self, console: str | None, enabled: bool, *, user: str, peer: str) -> None:
         sw = self.switches
         assert sw is not None
+        # Recorded first: the audit trail shows the switch before the sessions it closes.
+        self.audit_event(
+            "enable" if enabled else "disable",
+            console=console,
+            user=user,
+            peer=peer,
+            offset=self.consoles[console].ring.next if console else None,
+        )
         if console is None:
             sw.service_enabled = enabled
             sw.who["*"] = user
@@ -543,13 +551,6 @@ class Daemon:
             sw.save()
         except OSError as e:
             self._log.error("switches_save_failed", error=e.strerror)
-        self.audit_event(
-            "enable" if enabled else "disable",
-            console=console,
-            user=user,
-            peer=peer,
-            offset=self.consoles[console].ring.next if console else None,
-        )
 
     # --- audit and request context -------------------------------------------------------
 
