@@ -558,6 +558,44 @@ async def test_a_valid_token_between_guesses_does_not_reset_the_failure_count(
     assert 429 in statuses, statuses
 
 
+async def test_a_disabled_console_stays_disabled_across_restarts_and_config_edits(
+    make_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """An owner's per-console "off" is kept in state_dir: after a restart the console is
+    listed as disabled and refuses sessions and actions with a sentence saying how to
+    enable it; dropping it from the config and adding it back does not switch it on."""
+    tokens = Tokens()
+    state = tmp_path / "switch-state"
+    d = await make_daemon(CONSOLES, users=tokens.users(), state_dir=state)
+    async with aiohttp.ClientSession() as s:
+        r = await s.post(url_of(d) + "/api/v1/consoles/db-1/disable", headers=tokens.header("owner"))
+        assert r.status == 200
+    await d.shutdown()
+    for consoles in (CONSOLES, CONSOLES[:1], CONSOLES):
+        d = await make_daemon(consoles, users=tokens.users(), state_dir=state)
+        await d.shutdown()
+    d = await make_daemon(CONSOLES, users=tokens.users(), state_dir=state)
+    await wait_for(lambda: d.consoles["web-1"].up and d.consoles["db-1"].up)
+    base = url_of(d) + "/api/v1/consoles"
+    async with aiohttp.ClientSession() as s:
+        listing = (await (await s.get(base, headers=tokens.header("reader"))).json())["consoles"]
+        assert {c["name"]: (c["state"], c["enabled"]) for c in listing} == {
+            "web-1": ("running", True),
+            "db-1": ("disabled", False),
+        }
+        for method, path, role in (
+            ("GET", "/db-1/session", "contributor"),
+            ("POST", "/db-1/break", "contributor"),
+            ("POST", "/db-1/reset", "owner"),
+        ):
+            upgrade = UPGRADE if path.endswith("/session") else {}
+            r = await s.request(method, base + path, headers={**tokens.header(role), **upgrade})
+            assert r.status == 409, path
+            assert "POST /api/v1/consoles/db-1/enable" in (await r.json())["message"]
+        r = await s.post(base + "/db-1/enable", headers=tokens.header("owner"))
+        assert (await r.json())["state"] == "running"
+
+
 def test_principal_roles_follow_the_highest_matching_glob() -> None:
     """Pure: grants by glob, each role including the ones before it; service-wide needs "*"."""
     p = Principal("g", (("web-*", Role.CONTRIBUTOR), ("*", Role.READER), ("web-9", Role.OWNER)))
