@@ -163,11 +163,11 @@ class Console:
         self.counters.rx_bytes += len(data)
         active = self._active
         if active is not None and not active.deliver(data):
-            self._drop(active)
+            self.drop_too_slow(active)
         if self._watchers:
             for w in list(self._watchers.values()):
                 if not w.deliver(data):
-                    self._drop(w)
+                    self.drop_too_slow(w)
 
     def on_state(self, up: bool, reason: str) -> None:
         if up == self.up:
@@ -285,7 +285,7 @@ class Console:
             self._emit("detach", session, {"reason": reason.label})
             self._send_detach_sequence()
 
-    def _drop(self, session: Session) -> None:
+    def drop_too_slow(self, session: Session) -> None:
         self.drop(
             session,
             EndReason.TOO_SLOW,

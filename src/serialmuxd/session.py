@@ -139,8 +139,16 @@ class QueuedSession(Session):
         self._wake.set()
         return True
 
+    @property
+    def over_bound(self) -> bool:
+        """More queued than the bound allows (control answers to a client that never reads)."""
+        return self._queued > self._bound
+
     def control(self, message: dict[str, object]) -> None:
-        """Queue a JSON control message, in order with the output around it."""
+        """Queue a JSON control message, in order with the output around it.
+
+        Counted against the bound like output; the caller checks :attr:`over_bound`.
+        """
         if self.ending is not None:
             return
         text = json.dumps(message, separators=(",", ":"))

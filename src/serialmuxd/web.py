@@ -409,7 +409,8 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
     if not (console.enabled and console.service_enabled):
         fail(409, "disabled", console.disabled_message())
     daemon = request.app[DAEMON]
-    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE, heartbeat=WS_HEARTBEAT_S, compress=False)
+    # aiohttp refuses a message of max_msg_size bytes itself: + 1 lets a 64 KiB frame in.
+    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE + 1, heartbeat=WS_HEARTBEAT_S, compress=False)
     await ws.prepare(request)
     session = WsSession(
         ws,
@@ -470,6 +471,10 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
 async def _read_client(ws: web.WebSocketResponse, session: WsSession, console: Console) -> None:
     async for msg in ws:
         if session.ending is not None:
+            return
+        if session.over_bound:
+            # Pings or bad frames from a client that never reads the answers.
+            console.drop_too_slow(session)
             return
         if msg.type is WSMsgType.BINARY:
             if session.mode is Mode.WATCH:
