@@ -165,7 +165,8 @@ def test_unit_file_has_the_promised_settings() -> None:
     assert one("RestrictAddressFamilies") == "AF_UNIX AF_INET AF_INET6"
     assert s["SystemCallFilter"] == ["@system-service"]
     assert one("CapabilityBoundingSet") == ""
-    assert "PrivateDevices" not in s  # tty backends need the real /dev
+    # tty backends need the real /dev: both would close the device policy to them.
+    assert "PrivateDevices" not in s and "ProtectClock" not in s and "DeviceAllow" not in s
     # The stop timeout leaves room for the daemon's own shutdown deadline.
     assert int(one("TimeoutStopSec")) > 5
 
