@@ -136,8 +136,15 @@ def test_plaintext_on_public_address_refused() -> None:
     """A non-loopback listener without TLS needs allow_plaintext = true, said clearly."""
     msg = err({"http": {"listen": ["0.0.0.0:7480"]}})
     assert "http.listen[0]" in msg and "allow_plaintext" in msg
-    parse_config({"http": {"listen": ["0.0.0.0:7480"], "allow_plaintext": True}})
+    user = [{"name": "alice", "token_sha256": HASH}]
+    parse_config({"http": {"listen": ["0.0.0.0:7480"], "allow_plaintext": True}, "user": user})
     parse_config({"http": {"listen": ["[::1]:7480", "127.0.0.1:1"]}})
+
+
+def test_open_access_only_on_loopback() -> None:
+    """With no [[user]] everyone is owner: refused on a non-loopback address, even with TLS."""
+    msg = err({"http": {"listen": ["0.0.0.0:7480"], "tls_cert": "/c.pem", "tls_key": "/k.pem"}})
+    assert "http.listen[0]" in msg and "no [[user]] is configured" in msg
 
 
 def test_tls_cert_without_key_refused() -> None:

@@ -304,7 +304,8 @@ def test_run_refuses_a_public_plaintext_listener_with_exit_status_2(tmp_path: Pa
     assert "tls_cert" in r.stderr and "allow_plaintext = true" in r.stderr
     assert not (tmp_path / "state").exists(), "refused before touching anything"
     # (not started: the tests only ever listen on loopback)
-    cfg.write_text(body + '[http]\nlisten = ["0.0.0.0:0"]\nallow_plaintext = true\n')
+    user = '[[user]]\nname = "alice"\ntoken_sha256 = "' + "a" * 64 + '"\n'
+    cfg.write_text(body + user + '[http]\nlisten = ["0.0.0.0:0"]\nallow_plaintext = true\n')
     assert _run(cfg, "check-config").returncode == 0
 
 
@@ -317,6 +318,6 @@ def test_run_with_a_missing_tls_file_fails_with_a_message(tmp_path: Path) -> Non
         '[[console]]\nname = "vm1"\nuart = "demo:"\n'
     )
     r = _run(cfg, "run")
-    assert r.returncode != 0
+    assert r.returncode == 2, "a TLS file is configuration: exit status 2 like any config error"
     assert "http.tls_cert: cannot read" in r.stderr and "nope.crt" in r.stderr
     assert "backend_up" not in r.stderr, "checked before any console is opened"

@@ -160,7 +160,7 @@ def _serve(cfg: object, path: str | None, banner: str | None = None) -> int:
         run(main())
     except StartupError as e:
         print(f"serialmuxd: {e}", file=sys.stderr)
-        return EXIT_FAIL
+        return e.exit_status
     except KeyboardInterrupt:
         pass
     return EXIT_OK

@@ -429,6 +429,17 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
                     "or allow_plaintext = true if a TLS proxy in front of it is trusted",
                 )
 
+    if not data.get("user"):
+        # No users means open access (everyone is owner): only for this host's own users.
+        for i, addr in enumerate(http.listen):
+            host, _ = validate_listen(addr)
+            if not is_loopback(host):
+                raise ctx.error(
+                    f"http.listen[{i}]",
+                    f"{addr} is not a loopback address and no [[user]] is configured, which would make "
+                    "everyone who reaches it owner: add users (serialmuxd token) or listen on 127.0.0.1",
+                )
+
     dt = _table(ctx, "defaults", data.get("defaults", {}))
     _check_keys(ctx, "defaults", dt, _SETTING_KEYS)
     defaults = _settings(ctx, "defaults", dt, ConsoleSettings())

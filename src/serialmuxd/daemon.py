@@ -47,7 +47,15 @@ FLUSH_EVERY_S = 30.0
 
 
 class StartupError(SerialmuxdError):
-    """The daemon cannot start (port in use, unwritable state dir…)."""
+    """The daemon cannot start (port in use, unwritable state dir…).
+
+    ``exit_status`` is 2 when the cause is in the configuration (a TLS file
+    that is missing or not PEM), as for any config error, else 1.
+    """
+
+    def __init__(self, message: str, *, exit_status: int = 1) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status
 
 
 @dataclass(frozen=True)
@@ -74,20 +82,22 @@ def server_ssl_context(cert: str, key: str, client_ca: str) -> ssl.SSLContext:
     for k, path in (("tls_cert", cert), ("tls_key", key), ("tls_client_ca", client_ca)):
         if path and not os.access(path, os.R_OK):
             why = "no such file" if not os.path.exists(path) else "not readable by this user"
-            raise StartupError(f"http.{k}: cannot read {path}: {why}")
+            raise StartupError(f"http.{k}: cannot read {path}: {why}", exit_status=2)
     try:
         ctx.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as e:
         raise StartupError(
             f"http.tls_cert, http.tls_key: {cert} and {key} are not a PEM certificate and its "
-            f"private key: {getattr(e, 'reason', None) or e}"
+            f"private key: {getattr(e, 'reason', None) or e}",
+            exit_status=2,
         ) from e
     if client_ca:
         try:
             ctx.load_verify_locations(cafile=client_ca)
         except (OSError, ssl.SSLError) as e:
             raise StartupError(
-                f"http.tls_client_ca: {client_ca} holds no PEM CA certificate: {getattr(e, 'reason', None) or e}"
+                f"http.tls_client_ca: {client_ca} holds no PEM CA certificate: {getattr(e, 'reason', None) or e}",
+                exit_status=2,
             ) from e
         ctx.verify_mode = ssl.CERT_REQUIRED
     return ctx
