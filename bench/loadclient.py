@@ -229,6 +229,8 @@ class WsParser:
                     self.close_code = int.from_bytes(payload[:2], "big") if length >= 2 else 1005
                 elif opcode == 9:
                     self.send(ws_mask(bytes(payload), 0xA))
+                # Sub-views keep the bytearray exported; release before it is resized.
+                payload.release()
                 pos += head + length
         finally:
             view.release()

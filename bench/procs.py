@@ -49,7 +49,9 @@ class Managed:
             start_new_session=True,
             text=text,
             env=env,
-            cwd=cwd,
+            # Never the caller's directory: a server that writes relative paths
+            # (conmand's logs did) writes them next to its own log.
+            cwd=cwd if cwd is not None else (log.parent if log is not None else None),
         )
         self.pid = self.popen.pid
         Managed.registry.append(self)

@@ -121,7 +121,14 @@ class FakeVmProc:
 class LoadClientProc:
     """``loadclient.py`` with many endpoints; ``snap`` returns its counters."""
 
-    def __init__(self, workdir: Path, endpoints: list[dict[str, Any]], deadline_s: float, check: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        endpoints: list[dict[str, Any]],
+        deadline_s: float,
+        check: bool = True,
+        parallel: int = 100,
+    ):
         self.count = len(endpoints)
         self.proc = Managed(
             [PYTHON, str(BENCH / "loadclient.py")],
@@ -132,7 +139,7 @@ class LoadClientProc:
         assert self.proc.popen.stdin is not None and self.proc.popen.stdout is not None
         self.stdin = self.proc.popen.stdin
         self.reader = LineReader(self.proc.popen.stdout.fileno(), "loadclient")
-        spec = {"endpoints": endpoints, "check": check, "deadline_s": deadline_s, "parallel": 1000}
+        spec = {"endpoints": endpoints, "check": check, "deadline_s": deadline_s, "parallel": parallel}
         self.stdin.write(json.dumps(spec).encode() + b"\n")
         self.stdin.flush()
         self.started = self.reader.read(30)
@@ -224,6 +231,7 @@ class Options:
     rate: float
     tick_ms: float
     attach_timeout: float
+    start_timeout: float
     peer_logs: bool
     out: Path
     keep: bool
@@ -263,7 +271,7 @@ def run_latency(target: Target, case: Case, opts: Options, wd: Path) -> dict[str
         client = None
         if busy:
             endpoints = [target.endpoint(i, "load") for i in range(1, busy + 1)]
-            client = LoadClientProc(wd, endpoints, opts.attach_timeout)
+            client = LoadClientProc(wd, endpoints, opts.attach_timeout, parallel=target.attach_parallel)
             snap = client.wait_attached(time.monotonic() + opts.attach_timeout)
             if snap["attached"] < busy:
                 raise CaseError(f"only {snap['attached']}/{busy} busy consoles attached")
@@ -345,7 +353,10 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
     with running(target, [("rate", n)], opts, wd) as (vm, ready_s):
         started = target.procs[0].started_at if target.procs else time.monotonic()
         client = LoadClientProc(
-            wd, [target.endpoint(i, "load") for i in range(n)], opts.attach_timeout, check=True
+            wd,
+            [target.endpoint(i, "load") for i in range(n)],
+            opts.attach_timeout,
+            parallel=target.attach_parallel,
         )
         try:
             snap = client.wait_attached(time.monotonic() + opts.attach_timeout)
@@ -390,7 +401,10 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
             "pss_file_kib_per_console": mem.pss_file_kib / n,
         }
     if attached < n:
-        metrics["note"] = f"only {attached}/{n} clients attached within {opts.attach_timeout:.0f} s"
+        metrics["note"] = (
+            f"only {attached}/{n} clients attached within {opts.attach_timeout:.0f} s: "
+            + "; ".join(snap["notes"])
+        )
     return metrics
 
 
@@ -492,7 +506,7 @@ def running(
     try:
         target.start(Setup(wd, vm.paths, replay_bytes=replay_bytes, peer_logs=opts.peer_logs))
         try:
-            ready_s = wait_ready(target, vm, vm.count, max(60.0, opts.attach_timeout))
+            ready_s = wait_ready(target, vm, vm.count, opts.start_timeout)
             yield vm, ready_s
         finally:
             target.stop()
@@ -547,9 +561,12 @@ TABLE_METRICS: dict[str, list[tuple[str, str]]] = {
         ("uart_mb_s", "MB/s drained"),
         ("cpu_s_per_mb", "CPU s/MB"),
         ("server_cpu_pct", "server CPU %"),
+        ("errors", "stream breaks"),
+        ("closed_sessions", "clients dropped"),
     ],
     "scale": [
         ("delivered_pct", "delivered %"),
+        ("attached", "clients attached"),
         ("server_cpu_pct", "server CPU %"),
         ("pss_kib_per_console", "PSS KiB/console"),
         ("pss_anon_kib_per_console", "anon PSS KiB/console"),
@@ -679,7 +696,10 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--takeover-rate", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=11520.0, help="B/s per console (rate mode)")
     parser.add_argument("--tick-ms", type=float, default=20.0)
-    parser.add_argument("--attach-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--attach-timeout", type=float, default=120.0, help="s for every client to get a first byte"
+    )
+    parser.add_argument("--start-timeout", type=float, default=300.0, help="s for a server to start serving")
     parser.add_argument("--no-peer-logs", action="store_true", help="conserver/conman: no log files")
     parser.add_argument(
         "--native-peer-clients",
@@ -716,6 +736,7 @@ def parse_args(argv: list[str] | None) -> Options:
         rate=args.rate,
         tick_ms=args.tick_ms,
         attach_timeout=args.attach_timeout,
+        start_timeout=args.start_timeout,
         peer_logs=not args.no_peer_logs,
         out=args.out,
         keep=args.keep,
@@ -730,6 +751,7 @@ def parse_args(argv: list[str] | None) -> Options:
         opts.scale_duration = min(opts.scale_duration, 3.0)
         opts.takeover_duration = min(opts.takeover_duration, 2.0)
         opts.attach_timeout = min(opts.attach_timeout, 20.0)
+        opts.start_timeout = min(opts.start_timeout, 30.0)
     return opts
 
 

@@ -50,6 +50,11 @@ class Target:
     # rather than when a client comes.
     eager: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    # How many clients may be connecting at once.  Kept under the server's listen
+    # backlog: past it the kernel drops SYNs and each client waits out TCP's
+    # retransmission back-off (1, 3, 7, 15 ... s), which would be measured as a slow
+    # server.  aiohttp listens with a backlog of 128, conmand with 10.
+    attach_parallel: ClassVar[int] = 100
 
     def __init__(self) -> None:
         self.setup: Setup | None = None
@@ -239,6 +244,7 @@ access * {{
 class Conman(Target):
     name = "conman"
     eager = True
+    attach_parallel = 8
     description = (
         "conmand 0.2.7, `unix:` consoles, a log file per console; interactive client `conman` on a pty"
     )
@@ -254,10 +260,12 @@ class Conman(Target):
             "server keepalive=off",
             "server loopback=on",
             f"server port={self.port}",
-            "server timestamp=0",
+            # "0m", not "0": after a bare 0, conmand 0.2.7 takes the next line's first
+            # word as the unit and rejects the line.
+            "server timestamp=0m",
         ]
         if self.s.peer_logs:
-            lines += [f'server logdir="{logs}"', 'global log="%N.log"']
+            lines.append(f'global log="{logs}/%N.log"')
         lines += [
             f'console name="{name}" dev="unix:{path}"'
             for name, path in zip(self.s.names, self.s.uart_paths, strict=True)
