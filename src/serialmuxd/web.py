@@ -632,17 +632,16 @@ async def wait_output(request: web.Request) -> web.Response:
     window_base = pos
     deadline = time.monotonic() + timeout
     while True:
-        first, data, _ = ring.read(pos, 1 << 20)
+        # At most WAIT_WINDOW new bytes per search, after the previous WAIT_WINDOW: every
+        # byte is searched (a match up to WAIT_WINDOW long is found wherever it lies),
+        # and the loop gets a turn between searches while a reader catches up.
+        first, data, _ = ring.read(pos, WAIT_WINDOW)
         if first > pos:  # the ring overtook us: carry on from what is still there
             window.clear()
             window_base = first
         pos = first + len(data)
         if data:
             window += data
-            if len(window) > WAIT_WINDOW:
-                cut = len(window) - WAIT_WINDOW
-                del window[:cut]
-                window_base += cut
             m = regex.search(bytes(window))
             if m is not None:
                 return json_response(
@@ -652,6 +651,13 @@ async def wait_output(request: web.Request) -> web.Response:
                         "end": window_base + m.end(),
                     }
                 )
+            if len(window) > WAIT_WINDOW:
+                cut = len(window) - WAIT_WINDOW
+                del window[:cut]
+                window_base += cut
+            if pos < ring.next:
+                await asyncio.sleep(0)
+                continue
         if time.monotonic() >= deadline:
             return json_response(
                 {"error": "timeout", "message": f"no match for the pattern within {timeout} s", "next": pos},
