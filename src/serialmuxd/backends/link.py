@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 from typing import Any, cast
 
 from serialmuxd.backends.base import Backend, BackendSink
@@ -117,6 +118,12 @@ class LinkBackend(Backend):
                     if proto.transport is not None and not proto.transport.is_closing():
                         proto.transport.abort()
                 self.sink.on_state(False, "the VM closed the serial link")
+                # A dying QEMU can keep its listening socket open a moment after the
+                # link drops: reconnecting at once "succeeds" into it and flaps the
+                # console running/stopped.  A new socket (VM restarted) wakes us sooner.
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), BACKOFF_FIRST_S)
         finally:
             if self._watcher is not None and self.watch_path:
                 self._watcher.unregister(self.watch_path, wake)
