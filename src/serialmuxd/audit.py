@@ -82,7 +82,7 @@ class AuditLog:
                 os.write(self._fd, line)
             except OSError as e:
                 # Never lose the console over the audit file; say so loudly instead.
-                log.error("audit_write_failed", error=e.strerror, event=event)
+                log.error("audit_write_failed", error=e.strerror, audit_event=event)
         return entry
 
     def read(

@@ -424,4 +424,4 @@ class Console:
             try:
                 self._on_event(event, self, fields)
             except Exception:
-                self._log.exception("event_hook_failed", event=event)
+                self._log.exception("event_hook_failed", hook_event=event)

@@ -262,13 +262,14 @@ class Daemon:
         return key
 
     def _open_ring(self, ccfg: ConsoleConfig) -> RingLog:
-        ring = RingLog.open(self.state_dir / f"{ccfg.name}.ring", ccfg.settings.ring_bytes)
+        # RingLog.open says what was wrong with the file in one line of its own
+        # (moved aside, or kept in memory); bound here, that line names the console.
+        with structlog.contextvars.bound_contextvars(console=ccfg.name):
+            ring = RingLog.open(self.state_dir / f"{ccfg.name}.ring", ccfg.settings.ring_bytes)
         if ring.notice:
             self.metrics.ring_errors += 1
-            self._log.warning("ring_notice", console=ccfg.name, notice=ring.notice)
         if ring.error:
             self.metrics.ring_errors += 1
-            self._log.error("ring_error", console=ccfg.name, error=ring.error)
         return ring
 
     def _add_console(self, ccfg: ConsoleConfig) -> Console:

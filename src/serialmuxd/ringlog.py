@@ -356,7 +356,8 @@ class RingLog:
                 return cls._create(path, capacity, base, aside_reason=bad.reason)
             return cls._create(path, capacity, base, aside_reason=None)
         except _Fallback as fb:
-            log.warning("ringlog_in_memory", path=str(path), error=fb.message)
+            # An error, not a warning: what the guest prints now is lost at the next restart.
+            log.error("ringlog_in_memory", path=str(path), error=fb.message)
             return cls._memory(capacity, base=fb.base, path=path, seed=fb.seed, error=fb.message)
 
     @classmethod
