@@ -174,6 +174,10 @@ def _int(ctx: _Ctx, path: str, v: object, lo: int, hi: int) -> int:
 def _number(ctx: _Ctx, path: str, v: object, lo: float, hi: float) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ctx.error(path, f"must be a number, not {_type_name(v)}")
+    if isinstance(v, int) and not lo <= v <= hi:
+        # Checked before float(): TOML integers can be too large for a float.
+        shown = str(v) if abs(v) < 10**15 else f"an integer of {len(str(abs(v)))} digits"
+        raise ctx.error(path, f"must be between {lo:g} and {hi:g}, got {shown}")
     f = float(v)
     if not math.isfinite(f) or not lo <= f <= hi:
         raise ctx.error(path, f"must be between {lo:g} and {hi:g}, got {v}")
@@ -490,4 +494,8 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    except (ValueError, RecursionError) as e:
+        # tomllib lets these through: an integer of more than 4300 digits, or
+        # arrays and tables nested thousands deep.
+        raise ConfigError(f"{p}: not valid TOML: {str(e)[:120]}") from None
     return parse_config(data, source=str(p))
