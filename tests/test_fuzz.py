@@ -132,12 +132,6 @@ class SyncWs:
             raise ConnectionError("closed")
         return data
 
-    def _need(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            self.buf += self._recv()
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
     def send(self, opcode: int, payload: bytes) -> None:
         n = len(payload)
         head = bytes([0x80 | opcode])
@@ -150,18 +144,33 @@ class SyncWs:
         mask = os.urandom(4)
         self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
 
-    def recv(self) -> tuple[int, bytes]:
-        b0, b1 = self._need(2)
-        n = b1 & 0x7F
+    def _frame(self) -> tuple[int, bytes] | None:
+        """The next whole frame in the buffer, consumed; None while incomplete (a read
+        timeout then never leaves half a frame behind)."""
+        buf = self.buf
+        if len(buf) < 2:
+            return None
+        n, at = buf[1] & 0x7F, 2
         if n == 126:
-            n = struct.unpack("!H", self._need(2))[0]
+            if len(buf) < 4:
+                return None
+            n, at = struct.unpack_from("!H", buf, 2)[0], 4
         elif n == 127:
-            n = struct.unpack("!Q", self._need(8))[0]
-        payload = self._need(n)
-        opcode = b0 & 0x0F
+            if len(buf) < 10:
+                return None
+            n, at = struct.unpack_from("!Q", buf, 2)[0], 10
+        if len(buf) < at + n:
+            return None
+        opcode, payload = buf[0] & 0x0F, buf[at : at + n]
+        self.buf = buf[at + n :]
         if opcode == 0x8:
             self.closed = struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
         return opcode, payload
+
+    def recv(self) -> tuple[int, bytes]:
+        while (frame := self._frame()) is None:
+            self.buf += self._recv()
+        return frame
 
     def close(self) -> None:
         self.sock.close()
@@ -183,19 +192,25 @@ def answer_until_pong(ws: SyncWs) -> list[dict[str, object]]:
 
 
 def echoes(t: Target, console: str = "other") -> None:
-    """The console answers a command through an interactive session."""
+    """The console answers a command through an interactive session (typed again each
+    second: a fuzzed console may be rebooting after a SysRq or a reset)."""
     ws = SyncWs(t.port, f"/api/v1/consoles/{console}/session")
+    ws.sock.settimeout(1.0)
     try:
         tag = f"alive-{time.monotonic_ns()}"
-        ws.send(0x2, f"echo {tag}\r".encode())
         seen = b""
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 15
         while f"\r\n{tag}".encode() not in seen:
             assert time.monotonic() < deadline, f"{console} did not echo: {seen[-300:]!r}"
-            opcode, payload = ws.recv()
-            assert opcode != 0x8, f"{console} closed {ws.closed}"
-            if opcode == 0x2:
-                seen += payload
+            ws.send(0x2, f"echo {tag}\r".encode())
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    opcode, payload = ws.recv()
+                    assert opcode != 0x8, f"{console} closed {ws.closed}"
+                    if opcode == 0x2:
+                        seen += payload
+                    if f"\r\n{tag}".encode() in seen:
+                        break
     finally:
         ws.close()
 
