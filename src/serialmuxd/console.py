@@ -154,7 +154,7 @@ class Console:
             await self.backend.close()
         except Exception:
             self._log.exception("backend_close_failed")
-        self.ring.flush()
+        # The ring is left to its owner, who closes (and so flushes) it off the loop.
 
     # --- backend side (BackendSink) ----------------------------------------
 
