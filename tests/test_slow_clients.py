@@ -14,7 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -329,3 +332,28 @@ async def test_followers_and_waiters_that_leave_a_quiet_console_are_forgotten(
     await wait_for(lambda: not d.sessions, 3, "no session left")
     await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, 3, "the handlers' tasks to end")
     await wait_for(lambda: open_fds() <= fds_before, 3, "their sockets closed")
+
+
+async def test_http_connections_probe_a_vanished_peer_within_a_minute(
+    make_daemon: DaemonFactory, uarts: tuple[UartServer, UartServer], tmp_path: Path
+) -> None:
+    """A log follower of a quiet console whose host vanished (no FIN, no RST) is never written
+    to and has no heartbeat: TCP keepalive on every HTTP connection, first probe after 30 s
+    and dropped after 3 unanswered ones, bounds it (the kernel default is two hours)."""
+    if shutil.which("ss") is None:
+        pytest.skip("needs ss (iproute2)")
+    d = await make_daemon([{"name": "vm1", "uart": f"unix:{uarts[0].path}"}])
+    port = d.bound[0].port
+    async with aiohttp.ClientSession() as s:
+        r = await s.get(url_of(d) + "/api/v1/consoles/vm1/log", params={"follow": "1"})
+        assert r.status == 200
+        out = await asyncio.to_thread(
+            subprocess.run,
+            ["ss", "-tnoH", "state", "established", f"( sport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        r.close()
+    timers = [int(t) for t in re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?sec", out.stdout)]
+    assert timers and all(0 < t <= 30 for t in timers), out.stdout

@@ -329,6 +329,7 @@ class Daemon:
                 await site.start()
             except OSError as e:
                 raise StartupError(f"cannot listen on {addr}: {e.strerror}") from e
+            _tune_keepalive(site)
             self.bound.extend(_bound_of(site, ssl_ctx is not None))
         if http.metrics_listen:
             from serialmuxd.web import build_metrics_app
@@ -616,6 +617,24 @@ def _flush_all(rings: list[RingLog]) -> None:
     for r in rings:
         with contextlib.suppress(Exception):
             r.flush()
+
+
+# A follower (log?follow=1) of a quiet console whose host vanished gets no write
+# that could fail, and has no heartbeat: TCP keepalive finds it in 30 + 3 * 10 s
+# rather than the kernel's default two hours.  Accepted sockets inherit these
+# from the listener; aiohttp turns SO_KEEPALIVE on for each.
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+
+def _tune_keepalive(site: web.TCPSite) -> None:
+    import socket
+
+    server = getattr(site, "_server", None)
+    for sock in getattr(server, "sockets", None) or []:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
 
 
 def _close_all(rings: list[RingLog]) -> None:
