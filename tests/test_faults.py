@@ -217,8 +217,8 @@ async def test_kill_9_mid_seq_in_a_real_guest_loses_nothing_read(
             await recv_json(ws, "hello")
             await recv_until(ws, b"guest# ", timeout=60)
             await asyncio.sleep(0.3)
-            await ws.send_bytes(b"seq 1 400000\r")
-            await wait_for(lambda: b"\r\n100000\r\n" in seen[-200000:], 60, "seq to reach 100000")
+            await ws.send_bytes(b"seq 1 200000\r")
+            await wait_for(lambda: b"\r\n60000\r\n" in seen[-200000:], 60, "seq to reach 60000")
             d.proc.send_signal(signal.SIGKILL)
             d.proc.wait(10)
         await asyncio.wait_for(watcher, 10)
@@ -232,7 +232,7 @@ async def test_kill_9_mid_seq_in_a_real_guest_loses_nothing_read(
             r = await s.get(base + "/log", params={"start": "0", "max_bytes": str(old_next)})
             before = await r.read()
             assert len(before) == old_next and before[: len(watched)] == watched
-            pattern = r"\r\n400000\r\n"
+            pattern = r"\r\n200000\r\n"
             r = await s.get(
                 base + "/wait", params={"pattern": pattern, "start": str(old_next), "timeout_s": "60"}
             )
@@ -251,7 +251,7 @@ async def test_kill_9_mid_seq_in_a_real_guest_loses_nothing_read(
     # After the restart (QEMU threw away what the guest printed meanwhile): later numbers,
     # in order, up to the end of seq.
     later = [int(m) for m in re.findall(rb"\r\n(\d+)(?=\r\n)", after)]
-    assert later and later[0] > nums[-1] and later == sorted(set(later)) and later[-1] == 400000
+    assert later and later[0] > nums[-1] and later == sorted(set(later)) and later[-1] == 200000
 
 
 def ring_next_on_disk(path: Path) -> int:
@@ -432,7 +432,7 @@ async def test_real_vm_quit_crash_reset_cycles_reconnect_without_leaking(
         await wait_for(lambda: console.qmp is not None and console.vm_status == "running", 10, "QMP up")
         fds, tasks = await settle(d)
         boots = 1
-        for how in ("quit", "kill", "reset", "kill"):
+        for how in ("quit", "kill", "reset"):
             if how == "reset":
                 async with aiohttp.ClientSession() as s:
                     r = await s.post(url_of(d) + "/api/v1/consoles/vm1/reset")
@@ -451,6 +451,6 @@ async def test_real_vm_quit_crash_reset_cycles_reconnect_without_leaking(
             await answers(clients, f"boot{boots}")
             await wait_for(lambda: console.vm_status == "running", 10, "QMP back")
         assert clients.alive
-        assert console.counters.reconnects == 3
+        assert console.counters.reconnects == 2
         after = await settle(d)
         assert after == (fds, tasks), f"fds, tasks before {(fds, tasks)} and after {after}"
