@@ -79,3 +79,19 @@ def test_sigterm_exits_0_quickly_and_logs_json_lines(tmp_path: Path) -> None:
     events = [e["event"] for e in lines]
     assert "started" in events and events[-1] == "stopped"
     assert all("timestamp" in e and "level" in e for e in lines)
+
+
+async def test_second_daemon_on_the_same_state_dir_refuses_to_start(
+    make_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """Two daemons would interleave writes into the same ring files: the second is told who holds it."""
+    from serialmuxd.daemon import StartupError
+
+    state = tmp_path / "shared-state"
+    await make_daemon([{"name": "demo1", "uart": "demo:?boot=0"}], state_dir=state)
+    try:
+        await make_daemon([{"name": "demo1", "uart": "demo:?boot=0"}], state_dir=state)
+    except StartupError as e:
+        assert "another serialmuxd" in str(e) and str(state) in str(e)
+    else:
+        raise AssertionError("the second daemon started")

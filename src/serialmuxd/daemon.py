@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import os
+import resource
 import secrets
 import signal
 import ssl
@@ -43,6 +45,8 @@ from serialmuxd.watch import DirWatcher
 log = structlog.get_logger("serialmuxd.daemon")
 
 HOUSEKEEPING_S = 1.0
+FDS_PER_CONSOLE = 4  # UART, local listener, QMP, one client
+FDS_SPARE = 4096
 FLUSH_EVERY_S = 30.0
 
 
@@ -135,6 +139,7 @@ class Daemon:
         self._local_paths: dict[str, Path] = {}
         self._stop = asyncio.Event()
         self._shut_down = False
+        self._lock_fd = -1
         self._last_status = ""
         self._reload_lock = asyncio.Lock()
         self._log = log
@@ -196,6 +201,8 @@ class Daemon:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
         except OSError as e:
             raise StartupError(f"cannot create state_dir {self.state_dir}: {e.strerror}") from e
+        self._lock_state_dir()
+        self._raise_fd_limit(len(cfg.consoles))
         self.auth = Authenticator(cfg.users, self._cookie_key())
         self.switches = Switches.load(self.state_dir / "switches.json")
         self.audit = AuditLog(self.state_dir / "audit.jsonl")
@@ -223,6 +230,62 @@ class Daemon:
             seconds=round(elapsed, 3),
         )
         self._notify_status("READY=1")
+
+    def _lock_state_dir(self) -> None:
+        """One daemon per state_dir: two would interleave writes into the same ring files.
+
+        A state_dir where the lock file cannot even be made (read-only or full
+        file system) holds no ring this daemon could write either: it runs on
+        with its logs in memory, as the ring log decides, and says so.
+        """
+        path = self.state_dir / "serialmuxd.lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as e:
+            self._log.error("state_dir_lock_unavailable", path=str(path), error=e.strerror)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            finally:
+                os.close(fd)
+            raise StartupError(
+                f"another serialmuxd (pid {other}) is running with state_dir {self.state_dir}: "
+                "stop it, or give this one its own state_dir"
+            ) from None
+        with contextlib.suppress(OSError):  # the pid is only a courtesy for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _raise_fd_limit(self, consoles: int) -> None:
+        """Make room for ~4 descriptors per console (ring file, UART, local listener,
+        QMP) plus one per client, as nginx's worker_rlimit_nofile does.
+
+        The soft limit goes up to the hard one; with CAP_SYS_RESOURCE (root) the
+        hard one too.  Short of that, say how many are needed: running out
+        shows up much later as consoles that never connect.
+        """
+        need = FDS_PER_CONSOLE * consoles + FDS_SPARE
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft >= need:
+            return
+        want_hard = hard if hard == resource.RLIM_INFINITY or hard >= need else need
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need if want_hard >= need else want_hard, want_hard))
+        except (ValueError, OSError):
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < need:
+            self._log.warning(
+                "fd_limit_low",
+                limit=soft,
+                needed=need,
+                hint="raise LimitNOFILE= in the unit (or ulimit -n): consoles past the limit cannot connect",
+            )
 
     def _status_line(self) -> str:
         up = sum(1 for c in self.consoles.values() if c.up)
@@ -416,6 +479,9 @@ class Daemon:
             self._watcher.close()
         if self.audit is not None:
             self.audit.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the state_dir lock
+            self._lock_fd = -1
         self._log.info("stopped")
 
     # --- reload (SIGHUP) ----------------------------------------------------------

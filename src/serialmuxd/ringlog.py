@@ -46,9 +46,10 @@ created, preallocated or mapped (read-only directory, disk full, permission),
 the log lives in memory with the same API, ``persistent`` is False and
 ``error`` says why; the console keeps being served.
 
-A process holds an exclusive ``flock`` on its ring files, so a second daemon
-pointed at the same ``state_dir`` gets in-memory logs and an error rather than
-interleaving writes with the first.
+A ring keeps no file descriptor open once mapped: at 5,000 consoles a
+descriptor per ring would cost as many as the UART links themselves.  Two
+daemons on one ``state_dir`` are kept apart by the daemon's own lock on the
+directory (``state_dir/serialmuxd.lock``), not per file.
 
 :meth:`RingLog.open` does blocking file I/O (call it at start-up or in a
 thread). :meth:`RingLog.append` and :meth:`RingLog.read` only copy memory.
@@ -59,8 +60,8 @@ worker thread while the event loop appends.
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
+import ctypes
+import ctypes.util
 import mmap
 import os
 import struct
@@ -284,14 +285,16 @@ class RingLog:
     ) -> None:
         # Use RingLog.open or RingLog.memory; this takes over an initialised mapping.
         self._mm = mm
-        self._fd = fd
+        self.persistent = fd is not None
+        if fd is not None:
+            # The MAP_SHARED mapping keeps the file's pages; the descriptor is not needed.
+            os.close(fd)
         self._lock = threading.Lock()
-        # A RingLog dropped without close() must still release its fd and flock,
-        # as a crashed process would; close() runs this finalizer itself.
-        self._release = weakref.finalize(self, _release, mm, fd)
+        # A RingLog dropped without close() must still unmap, as a crashed
+        # process would; close() runs this finalizer itself.
+        self._release = weakref.finalize(self, _release, mm, None)
         self.path = path
         self.capacity = capacity
-        self.persistent = fd is not None
         self.error = error
         self.notice = notice
         h = _read_header(mm)
@@ -370,9 +373,6 @@ class RingLog:
             problem = f"cannot open {path} for writing: {_why(exc)}"
             raise _read_only_fallback(path, capacity, problem) from exc
         try:
-            # Lock before judging: a file another daemon is using must not be
-            # moved aside just because that daemon has another ring_bytes.
-            _lock_or_fallback(fd, path, capacity)
             try:
                 size = os.fstat(fd).st_size
                 head = os.pread(fd, _HEADER_READ, 0)
@@ -386,7 +386,7 @@ class RingLog:
             try:
                 # A sparse file (e.g. copied with cp --sparse) would SIGBUS on a full disk.
                 os.posix_fallocate(fd, 0, file_size(capacity))
-                mm = mmap.mmap(fd, file_size(capacity), mmap.MAP_SHARED)
+                mm = _map_shared(fd, file_size(capacity))
             except OSError as exc:
                 raise _read_only_fallback(
                     path, capacity, f"cannot map {path} for writing: {_why(exc)}"
@@ -412,13 +412,12 @@ class RingLog:
                 base,
             ) from exc
         try:
-            _lock_or_fallback(fd, tmp, capacity, base=base)
             try:
                 os.ftruncate(fd, 0)
                 # Writing to a mapped hole on a full filesystem raises SIGBUS
                 # and kills the daemon: reserve every block up front.
                 os.posix_fallocate(fd, 0, size)
-                mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+                mm = _map_shared(fd, size)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
@@ -577,12 +576,17 @@ class RingLog:
         Failures are logged, not raised, so the console keeps running.
         """
         with self._lock:
-            if self._fd is None:
+            if not self.persistent or self.path is None or self._mm.closed:
                 return
             try:
-                # fdatasync writes the mmap's dirty pages (Linux tracks them in
-                # the page cache) and, unlike mmap.flush, releases the GIL.
-                os.fdatasync(self._fd)
+                # fdatasync on any descriptor of the file writes the mapping's dirty
+                # pages (the page cache is per inode) and, unlike mmap.flush,
+                # releases the GIL; a short-lived descriptor keeps none open.
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 log.error("ringlog_flush_failed", path=str(self.path), error=_why(exc))
 
@@ -591,7 +595,6 @@ class RingLog:
         self.flush()
         with self._lock:
             self._release()
-            self._fd = None
 
     def __enter__(self) -> RingLog:
         return self
@@ -608,6 +611,51 @@ class _Unusable(Exception):
         super().__init__(reason)
         self.reason = reason
         self.header = header
+
+
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+_MAP_FIXED = 0x10
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    return libc
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _map_shared(fd: int, size: int) -> mmap.mmap:
+    """A MAP_SHARED mapping of ``fd`` as an ``mmap.mmap`` that holds no descriptor.
+
+    CPython's mmap (before 3.13's ``trackfd=False``) keeps a dup() of the file
+    descriptor for the mapping's lifetime: one descriptor per console, 5,000 at
+    5,000 consoles, as many as the UART links.  Instead, make an anonymous
+    mapping of the right size (no descriptor) and map the file over the same
+    addresses with MAP_FIXED; mmap's own close() then unmaps the file mapping.
+    """
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = _libc()
+    mm = mmap.mmap(-1, size)
+    view = ctypes.c_char.from_buffer(mm)
+    addr = ctypes.addressof(view)
+    del view  # release the buffer export, or mm.close() would refuse
+    got = _LIBC.mmap(addr, size, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+    if got != addr:
+        err = ctypes.get_errno()
+        mm.close()
+        raise OSError(err, os.strerror(err))
+    return mm
 
 
 def _release(mm: mmap.mmap, fd: int | None) -> None:
@@ -639,19 +687,6 @@ def _advise(mm: mmap.mmap) -> None:
     # restart do not wait for the disk.
     with contextlib.suppress(OSError, AttributeError, ValueError):
         mm.madvise(mmap.MADV_WILLNEED)
-
-
-def _lock_or_fallback(fd: int, path: Path, capacity: int, *, base: int | None = None) -> None:
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            msg = f"{path} is in use by another process (another serialmuxd with the same state_dir?)"
-        else:
-            msg = f"cannot lock {path}: {_why(exc)}"
-        if base is not None:
-            raise _Fallback(f"{msg}; keeping the log in memory until restart", base) from exc
-        raise _read_only_fallback(path, capacity, msg) from exc
 
 
 def _read_only_fallback(path: Path, capacity: int, problem: str) -> _Fallback:
