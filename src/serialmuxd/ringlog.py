@@ -282,6 +282,7 @@ class RingLog:
         fd: int | None,
         error: str | None = None,
         notice: str | None = None,
+        head: bytes | None = None,
     ) -> None:
         # Use RingLog.open or RingLog.memory; this takes over an initialised mapping.
         self._mm = mm
@@ -297,14 +298,18 @@ class RingLog:
         self.capacity = capacity
         self.error = error
         self.notice = notice
-        h = _read_header(mm)
+        # Parse from a copy read with pread() when the opener has one: a read
+        # through the mapping would make the kernel map up to 64 KiB of
+        # neighbouring cached pages (fault-around) into every console's memory.
+        src: bytes | mmap.mmap = head if head is not None else mm
+        h = _read_header(src)
         self._base = h.base
         self._next = h.next_offset
         self._index_count = h.index_count
         self._last_index_ns = 0
         if h.index_count:
             _, self._last_index_ns = INDEX_ENTRY.unpack_from(
-                mm, INDEX_START + ((h.index_count - 1) % INDEX_SLOTS) * INDEX_ENTRY.size
+                src, INDEX_START + ((h.index_count - 1) % INDEX_SLOTS) * INDEX_ENTRY.size
             )
 
     # --- construction --------------------------------------------------------
@@ -391,8 +396,13 @@ class RingLog:
                 raise _read_only_fallback(
                     path, capacity, f"cannot map {path} for writing: {_why(exc)}"
                 ) from exc
-            _advise(mm)
-            return cls(mm, capacity, path=path, fd=fd)
+            try:
+                meta = os.pread(fd, DATA_START, 0)
+            except OSError:
+                meta = None
+            return cls(
+                mm, capacity, path=path, fd=fd, head=meta if meta and len(meta) == DATA_START else None
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -452,7 +462,6 @@ class RingLog:
                     "keeping the log in memory until restart",
                     base,
                 ) from exc
-            _advise(mm)
             return cls(mm, capacity, path=path, fd=fd, notice=notice)
         except BaseException:
             os.close(fd)
@@ -676,17 +685,10 @@ def _init_header(mm: mmap.mmap, capacity: int, base: int) -> None:
     _NEXT_INDEX.pack_into(mm, _NEXT_AT, base, 0)
 
 
-def _read_header(mm: mmap.mmap) -> _Header:
+def _read_header(mm: mmap.mmap | bytes) -> _Header:
     _, _, _, _, _, cap, base, created = _STATIC.unpack_from(mm, 0)
     nxt, count = _NEXT_INDEX.unpack_from(mm, _NEXT_AT)
     return _Header(cap, base, created, nxt, count)
-
-
-def _advise(mm: mmap.mmap) -> None:
-    # Start reading the file in now so the first appends and reads after a
-    # restart do not wait for the disk.
-    with contextlib.suppress(OSError, AttributeError, ValueError):
-        mm.madvise(mmap.MADV_WILLNEED)
 
 
 def _read_only_fallback(path: Path, capacity: int, problem: str) -> _Fallback:
