@@ -380,7 +380,10 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
     produced = b.vm["produced"] - a.vm["produced"]
     blocked = b.vm["blocked"] - a.vm["blocked"]
     metrics: dict[str, Any] = {
-        "delivered_pct": 100 * delivered / produced if produced else float("nan"),
+        # Against the line rate: a server that stops draining makes the guest stall
+        # (blocked bytes), which is as much a failure as losing bytes.
+        "delivered_pct": 100 * delivered / active_s / nominal,
+        "delivered_of_printed_pct": 100 * delivered / produced if produced else float("nan"),
         "produced_pct": 100 * produced / active_s / nominal,
         "blocked_pct": 100 * blocked / active_s / nominal,
         "server_cpu_pct": 100 * (cpu_end - a.cpu) / seconds,
@@ -621,7 +624,11 @@ def fmt(value: float) -> str:
 
 
 def markdown(
-    summary: list[dict[str, Any]], skipped: list[dict[str, Any]], info: dict[str, Any], opts: Options
+    summary: list[dict[str, Any]],
+    skipped: list[dict[str, Any]],
+    failures: dict[tuple[str, str, str], str],
+    info: dict[str, Any],
+    opts: Options,
 ) -> str:
     lines = [
         "# serialmuxd benchmark",
@@ -636,6 +643,8 @@ def markdown(
     by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
     for s in summary:
         by_case.setdefault((s["workload"], s["case"]), {})[s["target"]] = s["median"]
+    for workload, case, _target in failures:
+        by_case.setdefault((workload, case), {})
     for (workload, case), per_target in by_case.items():
         columns = TABLE_METRICS[workload]
         lines += [f"## {workload}: {case}", ""]
@@ -646,6 +655,10 @@ def markdown(
                 values = per_target[target]
                 cells = [fmt(values.get(key, float("nan"))) for key, _ in columns]
                 lines.append(f"| {target} | " + " | ".join(cells) + " |")
+        for target in opts.targets:
+            if target not in per_target and (workload, case, target) in failures:
+                reason = failures[(workload, case, target)].replace("|", "/")[:160]
+                lines.append(f"| {target} | failed: {reason} |" + " |" * (len(columns) - 1))
         for s in skipped:
             if (s["workload"], s["case"]) == (workload, case):
                 lines.append(f"| {s['target']} | skipped: {s['skipped']} |" + " |" * (len(columns) - 1))
@@ -819,7 +832,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = medians(results)
     for s in summary:
         emit(s | {"run": run_id, "machine": info}, results_file)
-    table = markdown(summary, skipped, info, opts)
+    failures = {(r["workload"], r["case"], r["target"]): r["error"] for r in results if "error" in r}
+    table = markdown(summary, skipped, failures, info, opts)
     print()
     print(table)
     (opts.out / f"summary-{run_id}.md").write_text(table)
