@@ -52,6 +52,11 @@ class ConsoleSettings:
     # Output queued for one slow client before it is dropped with 4009 ``too_slow``.
     # A bound per session keeps memory flat however many clients stall.
     client_buffer_bytes: int = 256 * 1024
+    # When the interactive client is over its buffer, hold the UART for at most
+    # this long while it drains (flow control for a fast client during a flood);
+    # a client that has not drained by then is dropped as too_slow.  0 = never
+    # hold: drop at once.  Watchers are never held for.
+    flow_hold_ms: int = 200
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,8 @@ def _settings(ctx: _Ctx, path: str, table: Mapping[str, Any], base: ConsoleSetti
             changes[key] = s.encode()
         elif key == "client_buffer_bytes":
             changes[key] = _int(ctx, p, v, 4096, 64 << 20)
+        elif key == "flow_hold_ms":
+            changes[key] = _int(ctx, p, v, 0, 10_000)
     settings = replace(base, **changes)
     if settings.replay_bytes > settings.ring_bytes:
         raise ctx.error(

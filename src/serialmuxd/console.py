@@ -86,6 +86,7 @@ class Counters:
     reconnects: int = 0
     sessions: int = 0
     takeovers: int = 0
+    holds: int = 0  # flow-control holds of the UART for a busy interactive client
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -119,6 +120,7 @@ class Console:
         self.vm_status: str | None = None
         self.qmp: QmpLink | None = None  # from QMP query-status when there is a QMP link
         self._seen_up = False
+        self._hold: tuple[Session, asyncio.TimerHandle] | None = None
         self._seat = Seat()
         self._active: Session | None = None
         self._watchers: dict[str, Session] = {}
@@ -162,8 +164,8 @@ class Console:
         self.ring.append(data)
         self.counters.rx_bytes += len(data)
         active = self._active
-        if active is not None and not active.deliver(data):
-            self.drop_too_slow(active)
+        if active is not None and not active.deliver(data) and self._hold is None:
+            self._hold_or_drop(active)
         if self._watchers:
             for w in list(self._watchers.values()):
                 if not w.deliver(data):
@@ -184,6 +186,7 @@ class Console:
         else:
             self.down_reason = reason
             self.up_since = None
+            self._hold_released()  # a new link must not start paused
         self._log.info("backend_up" if up else "backend_down", reason=reason)
         state = self.state
         for s in self.sessions():
@@ -279,11 +282,47 @@ class Console:
             self._seat.leave(session.id)
             self._emit("detach", session, {"reason": reason.label})
             return
+        if self._hold is not None and self._hold[0] is session:
+            self._hold_released()
         if self._active is session:
             self._seat.leave(session.id)
             self._active = None
             self._emit("detach", session, {"reason": reason.label})
             self._send_detach_sequence()
+
+    def _hold_or_drop(self, session: Session) -> None:
+        """The interactive client is over its buffer: hold the UART briefly, or drop it.
+
+        Flow control for a fast client in a flood, bounded so that a stuck one
+        costs the guest at most ``flow_hold_ms`` once: a client must drain three
+        quarters of its buffer within the hold (256 KiB in 200 ms by default,
+        about 1 MB/s, ~90x a 115200-baud line) or it is dropped as too_slow.
+        """
+        hold_s = self.cfg.settings.flow_hold_ms / 1000
+        if hold_s > 0 and self.backend.pause_reading():
+            timer = asyncio.get_running_loop().call_later(hold_s, self._hold_expired)
+            self._hold = (session, timer)
+            self.counters.holds += 1
+            session.on_drained(self._hold_released)
+        else:
+            self.drop_too_slow(session)
+
+    def _hold_released(self) -> None:
+        hold = self._hold
+        if hold is None:
+            return
+        self._hold = None
+        hold[0].on_drained(None)
+        hold[1].cancel()
+        self.backend.resume_reading()
+
+    def _hold_expired(self) -> None:
+        hold = self._hold
+        if hold is None:
+            return
+        self._hold_released()
+        if hold[0] is self._active:
+            self.drop_too_slow(hold[0])
 
     def drop_too_slow(self, session: Session) -> None:
         self.drop(

@@ -43,6 +43,8 @@ class LocalSession(Session, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only duck-typed.
         self._transport = cast(asyncio.Transport, transport)
+        # resume_writing() at a quarter of the bound tells a held console to go on.
+        self._transport.set_write_buffer_limits(high=self._bound, low=self._bound // 4)
         self.user, self.peer = _peer_of(transport)
         try:
             _, replay = self._console.attach(self)
@@ -70,6 +72,13 @@ class LocalSession(Session, asyncio.Protocol):
             self._draining = False
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        return  # deliver() reports the bound; the console decides
+
+    def resume_writing(self) -> None:
+        if self._drained is not None:
+            self._check_drained(0, self._bound)
 
     def eof_received(self) -> bool | None:
         return False

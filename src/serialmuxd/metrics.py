@@ -58,6 +58,11 @@ class Metrics(Collector):
         tak = CounterMetricFamily(
             P + "takeovers", "Interactive sessions taken over by a newcomer", labels=lab
         )
+        holds = CounterMetricFamily(
+            P + "flow_holds",
+            "UART reads held while the interactive client drained (flow_hold_ms)",
+            labels=lab,
+        )
         drops = CounterMetricFamily(
             P + "session_drops", "Sessions dropped by the server", labels=["console", "reason"]
         )
@@ -79,13 +84,14 @@ class Metrics(Collector):
             act.add_metric(n, 1 if c.active is not None else 0)
             ses.add_metric(n, k.sessions)
             tak.add_metric(n, k.takeovers)
+            holds.add_metric(n, k.holds)
             for reason in sorted(set(DROP_REASONS) | k.drops.keys()):
                 drops.add_metric([c.name, reason], k.drops.get(reason, 0))
             cap.add_metric(n, c.ring.capacity)
             nxt.add_metric(n, c.ring.next)
             persist.add_metric(n, 1 if c.ring.persistent else 0)
             watchers.add_metric(n, c.watcher_count)
-        yield from (rx, tx, up, rec, act, ses, tak, drops, cap, nxt, persist, watchers)
+        yield from (rx, tx, up, rec, act, ses, tak, holds, drops, cap, nxt, persist, watchers)
         yield GaugeMetricFamily(P + "consoles", "Configured consoles", value=len(consoles))
         yield CounterMetricFamily(P + "auth_failures", "Failed authentications", value=self.auth_failures)
         yield CounterMetricFamily(

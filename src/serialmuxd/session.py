@@ -16,6 +16,7 @@ import json
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -70,6 +71,7 @@ class Session(abc.ABC):
         self.since = time.time()
         self.last_input = time.monotonic()
         self.ending: Ending | None = None
+        self._drained: Callable[[], None] | None = None
 
     @abc.abstractmethod
     def deliver(self, data: bytes) -> bool:
@@ -82,6 +84,16 @@ class Session(abc.ABC):
     @abc.abstractmethod
     def _close(self, ending: Ending) -> None:
         """Tell the client why (frame or text line) and close the transport."""
+
+    def on_drained(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` once when queued output falls to a quarter of the bound."""
+        self._drained = callback
+
+    def _check_drained(self, queued: int, bound: int) -> None:
+        cb = self._drained
+        if cb is not None and queued <= bound // 4:
+            self._drained = None
+            cb()
 
     def connection_gone(self) -> bool:
         """True when the client hung up but nothing noticed yet (checked by housekeeping)."""
@@ -128,8 +140,8 @@ class QueuedSession(Session):
         if self.ending is not None:
             return True
         n = len(data)
-        if self._queued + n > self._bound:
-            return False
+        # Queue even past the bound (by one chunk at most): the console then
+        # either holds the UART while this client drains, or drops it.
         self._queued += n
         items = self._items
         if items and isinstance(items[-1], bytearray) and len(items[-1]) + n <= MAX_FRAME:
@@ -137,7 +149,7 @@ class QueuedSession(Session):
         else:
             items.append(bytearray(data))
         self._wake.set()
-        return True
+        return self._queued <= self._bound
 
     @property
     def over_bound(self) -> bool:
@@ -196,6 +208,8 @@ class QueuedSession(Session):
             while items:
                 item = items.popleft()
                 self._queued -= len(item)
+                if self._drained is not None:
+                    self._check_drained(self._queued, self._bound)
                 if isinstance(item, str):
                     await self._send_text(item)
                 else:

@@ -62,6 +62,13 @@ class Backend(abc.ABC):
         """True while keystrokes are queued above the high-water mark."""
         return False
 
+    def pause_reading(self) -> bool:
+        """Stop reading the guest for a moment (flow control); False if this backend can't."""
+        return False
+
+    def resume_reading(self) -> None:  # noqa: B027 - optional hook
+        """Undo :meth:`pause_reading`."""
+
     async def send_break(self) -> None:
         """Send a serial BREAK.  Raises ActionUnsupported when the link can't."""
         from serialmuxd.errors import ActionUnsupported

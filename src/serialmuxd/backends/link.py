@@ -136,6 +136,18 @@ class LinkBackend(Backend):
                 proto_now.transport.abort()
             self._proto = None
 
+    def pause_reading(self) -> bool:
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            return False
+        proto.transport.pause_reading()
+        return True
+
+    def resume_reading(self) -> None:
+        proto = self._proto
+        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
+            proto.transport.resume_reading()
+
     @property
     def congested(self) -> bool:
         proto = self._proto
