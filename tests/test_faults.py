@@ -454,3 +454,37 @@ async def test_real_vm_quit_crash_reset_cycles_reconnect_without_leaking(
         assert console.counters.reconnects == 2
         after = await settle(d)
         assert after == (fds, tasks), f"fds, tasks before {(fds, tasks)} and after {after}"
+
+
+async def test_ended_websocket_sessions_are_freed_at_once(make_daemon: DaemonFactory) -> None:
+    """Sessions that end (closed by the client, taken over) leave nothing behind: no
+    WebSocketResponse is still alive a moment later (aiohttp's heartbeat timers used to
+    keep each for up to 45 s, a plateau of megabytes under steady takeovers)."""
+    import gc
+
+    from aiohttp import web as aioweb
+
+    d = await make_daemon([{"name": "vm1", "uart": "demo:?rate=11520&boot=0"}])
+
+    async def until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
+        async for _ in ws:  # reading: aiohttp answers the daemon's close frame
+            pass
+
+    async with aiohttp.ClientSession() as s:
+        old: asyncio.Task[None] | None = None
+        for _ in range(40):
+            ws = await s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session")
+            await recv_json(ws, "hello")  # the previous session is taken over here
+            await recv_until(ws, b"\r\n")
+            if old is not None:
+                await asyncio.wait_for(old, 5)
+            old = asyncio.create_task(until_closed(ws))
+        await ws.close()
+    await wait_for(lambda: not d.sessions, 5, "every session ended")
+    assert d.consoles["vm1"].counters.takeovers == 39
+
+    def alive() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if isinstance(o, aioweb.WebSocketResponse))
+
+    await wait_for(lambda: alive() == 0, 3, "every WebSocketResponse freed")
