@@ -337,6 +337,7 @@ def main() -> int:
     ap.add_argument(
         "--state-dir", default="", help="where the config, rings and log go (default: a temp dir)"
     )
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (config, rings, daemon log)")
     args = ap.parse_args()
     if not (1 <= args.consoles <= 5000 and 1 <= args.duration <= 3600 and 0 <= args.takeovers <= 200):
         ap.error("--consoles 1..5000, --duration 1..3600, --takeovers 0..200")
