@@ -72,16 +72,13 @@ class _LineHandshake:
 class ConserverHandshake(_LineHandshake):
     """Attach on the child port that serves the console (see :func:`conserver_port`)."""
 
-    def __init__(self, console: str, user: str = "bench", force: bool = False):
-        call = f"call {console}\r\n".encode()
-        # "-f" of the console client: force attach, bumping the current writer to spy.
-        attach_reply = b"\x05cf" if force else b""
+    def __init__(self, console: str, user: str = "bench"):
         super().__init__(
             b"",
             [
                 (b"ok", f"login {user}\r\n".encode()),
-                (b"ok", call),
-                (b"[attached]", attach_reply + b"\x05c;"),
+                (b"ok", f"call {console}\r\n".encode()),
+                (b"[attached]", b"\x05c;"),
                 (b"[connected]", b""),
             ],
             b"\r\n",
@@ -89,12 +86,11 @@ class ConserverHandshake(_LineHandshake):
 
 
 class ConmanHandshake(_LineHandshake):
-    def __init__(self, console: str, user: str = "bench", force: bool = False):
-        option = " OPTION='FORCE'" if force else ""
+    def __init__(self, console: str, user: str = "bench"):
         super().__init__(
             f"HELLO USER='{user}' TTY='bench'\n".encode(),
             [
-                (b"OK", f"CONNECT CONSOLE='{console}'{option}\n".encode()),
+                (b"OK", f"CONNECT CONSOLE='{console}'\n".encode()),
                 (b"OK", b""),
             ],
             b"\n",

@@ -236,6 +236,7 @@ class Options:
     out: Path
     keep: bool
     interactive_peers: bool = True
+    report: list[str] = field(default_factory=list)
     tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
 
@@ -327,7 +328,7 @@ def run_throughput(target: Target, case: Case, opts: Options, wd: Path) -> dict[
     return {
         "mb_s": mb / seconds,
         "uart_mb_s": drained / 1e6 / seconds,
-        "cpu_s_per_mb": cpu / mb if mb else float("nan"),
+        "cpu_ms_per_mb": 1000 * cpu / mb if mb else float("nan"),
         "server_cpu_pct": 100 * cpu / seconds,
         "client_cpu_pct": 100 * (b.client["cpu_s"] - a.client["cpu_s"]) / seconds,
         "errors": b.client["errors"],
@@ -521,8 +522,8 @@ def takeover_skip(target: Target) -> str:
     if target.family == "serialmuxd":
         return ""
     return (
-        f"{target.name}: no attach-with-replay to compare "
-        "(ser2net and socat have no log replay; conserver and conman replay only on request)"
+        "no attach-with-replay to compare (ser2net and socat have no log replay; "
+        "conserver and conman replay only on request)"
     )
 
 
@@ -562,7 +563,7 @@ TABLE_METRICS: dict[str, list[tuple[str, str]]] = {
     "throughput": [
         ("mb_s", "MB/s delivered"),
         ("uart_mb_s", "MB/s drained"),
-        ("cpu_s_per_mb", "CPU s/MB"),
+        ("cpu_ms_per_mb", "CPU ms/MB"),
         ("server_cpu_pct", "server CPU %"),
         ("errors", "stream breaks"),
         ("closed_sessions", "clients dropped"),
@@ -591,6 +592,8 @@ def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     grouped: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in results:
         if "metrics" in r:
+            if "cpu_s_per_mb" in r["metrics"]:  # results written before the unit changed
+                r["metrics"]["cpu_ms_per_mb"] = 1000 * r["metrics"].pop("cpu_s_per_mb")
             grouped.setdefault((r["workload"], r["case"], r["target"]), []).append(r["metrics"])
     out = []
     for (workload, case, target), runs in grouped.items():
@@ -613,9 +616,15 @@ def medians(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+# Counts, not rates: a ratio of them means nothing.
+NO_RATIO = {"errors", "closed_sessions", "attached"}
+
+
 def fmt(value: float) -> str:
     if value != value:
         return "–"
+    if 0 < abs(value) < 0.001:
+        return "<0.001"
     if abs(value) >= 100:
         return f"{value:,.0f}"
     if abs(value) >= 10:
@@ -636,44 +645,59 @@ def markdown(
         f"- date: {info['date']}",
         f"- machine: {info['nproc']} × {info['cpu_model']}, Linux {info['kernel']}",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
-        f"- repetitions: {opts.reps} (medians shown), targets interleaved per repetition",
+        f"- repetitions: up to {opts.reps} (medians of `runs`), targets interleaved per repetition",
         f"- rate workloads: {opts.rate:,.0f} B/s per console, fake-VM tick {opts.tick_ms:g} ms",
         "",
     ]
     by_case: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    runs: dict[tuple[str, str, str], int] = {}
     for s in summary:
         by_case.setdefault((s["workload"], s["case"]), {})[s["target"]] = s["median"]
+        runs[(s["workload"], s["case"], s["target"])] = s["runs"]
     for workload, case, _target in failures:
         by_case.setdefault((workload, case), {})
-    for (workload, case), per_target in by_case.items():
+    for s in skipped:
+        by_case.setdefault((s["workload"], s["case"]), {})
+
+    def order(key: tuple[str, str]) -> tuple[int, int, str]:
+        digits = "".join(c for c in key[1] if c.isdigit())
+        return WORKLOADS.index(key[0]), int(digits or 0), key[1]
+
+    for workload, case in sorted(by_case, key=order):
+        per_target = by_case[(workload, case)]
         columns = TABLE_METRICS[workload]
         lines += [f"## {workload}: {case}", ""]
-        lines.append("| target | " + " | ".join(label for _, label in columns) + " |")
-        lines.append("|---|" + "---:|" * len(columns))
+        lines.append("| target | " + " | ".join(label for _, label in columns) + " | runs |")
+        lines.append("|---|" + "---:|" * (len(columns) + 1))
         for target in opts.targets:
             if target in per_target:
                 values = per_target[target]
                 cells = [fmt(values.get(key, float("nan"))) for key, _ in columns]
+                cells.append(str(runs[(workload, case, target)]))
                 lines.append(f"| {target} | " + " | ".join(cells) + " |")
         for target in opts.targets:
             if target not in per_target and (workload, case, target) in failures:
                 reason = failures[(workload, case, target)].replace("|", "/")[:160]
-                lines.append(f"| {target} | failed: {reason} |" + " |" * (len(columns) - 1))
+                lines.append(f"| {target} | failed: {reason} |" + " |" * len(columns))
+        reasons: dict[str, list[str]] = {}
         for s in skipped:
             if (s["workload"], s["case"]) == (workload, case):
-                lines.append(f"| {s['target']} | skipped: {s['skipped']} |" + " |" * (len(columns) - 1))
+                reasons.setdefault(s["skipped"], []).append(s["target"])
+        for reason, names in reasons.items():
+            lines += ["", f"Not run on {', '.join(names)}: {reason}."]
         for ours in ("serialmuxd-unix", "serialmuxd-ws"):
             if ours not in per_target:
                 continue
             peers = [p for p in opts.targets if p in per_target and p in PEERS]
             if not peers:
                 continue
+            ratio_columns = [(k, label) for k, label in columns if k not in NO_RATIO]
             lines += ["", f"{ours} ÷ peer (below 1 = fewer µs/CPU/KiB/s; above 1 = more MB/s, %)", ""]
-            lines.append("| peer | " + " | ".join(label for _, label in columns) + " |")
-            lines.append("|---|" + "---:|" * len(columns))
+            lines.append("| peer | " + " | ".join(label for _, label in ratio_columns) + " |")
+            lines.append("|---|" + "---:|" * len(ratio_columns))
             for peer in peers:
                 cells = []
-                for key, _ in columns:
+                for key, _ in ratio_columns:
                     mine = per_target[ours].get(key, float("nan"))
                     theirs = per_target[peer].get(key, float("nan"))
                     cells.append(f"{mine / theirs:.2f}" if theirs and theirs == theirs else "–")
@@ -721,6 +745,11 @@ def parse_args(argv: list[str] | None) -> Options:
     )
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
+    parser.add_argument(
+        "--report",
+        metavar="RUN[,RUN]",
+        help="measure nothing: print the tables of these runs from OUT/results.jsonl",
+    )
     args = parser.parse_args(argv)
     names = args.targets.split(",")
     if names == ["all"]:
@@ -754,6 +783,7 @@ def parse_args(argv: list[str] | None) -> Options:
         out=args.out,
         keep=args.keep,
         interactive_peers=not args.native_peer_clients,
+        report=args.report.split(",") if args.report else [],
     )
     if opts.quick:
         opts.reps = 1
@@ -768,8 +798,32 @@ def parse_args(argv: list[str] | None) -> Options:
     return opts
 
 
+def report(opts: Options) -> int:
+    """Tables of earlier runs (several runs combine: e.g. a 5,000-console run done apart)."""
+    lines = [json.loads(x) for x in (opts.out / "results.jsonl").read_text().splitlines() if x]
+    mine = [r for r in lines if r.get("run") in opts.report]
+    results = [r for r in mine if not r.get("summary") and ("metrics" in r or "error" in r)]
+    skipped = [r for r in mine if "skipped" in r]
+    if not results:
+        print(f"no results for runs {opts.report} in {opts.out / 'results.jsonl'}", file=sys.stderr)
+        return 1
+    infos = [r["machine"] for r in mine if r.get("summary")]
+    info = infos[0] if infos else machine()
+    if opts.targets != list(TARGETS):  # --targets given: only those
+        results = [r for r in results if r["target"] in opts.targets]
+        skipped = [r for r in skipped if r["target"] in opts.targets]
+    seen = {r["target"] for r in results}
+    opts.targets = [t for t in TARGETS if t in seen]
+    opts.reps = max(r["rep"] for r in results)
+    failures = {(r["workload"], r["case"], r["target"]): r["error"] for r in results if "error" in r}
+    print(markdown(medians(results), skipped, failures, info, opts))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    if opts.report:
+        return report(opts)
     missing = missing_tools(opts.targets)
     if missing:
         print(f"missing programs (apt-get install them): {missing}", file=sys.stderr)

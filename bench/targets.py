@@ -136,7 +136,7 @@ class Socat(TcpPortsTarget):
 
     def skip_reason(self, workload: str, consoles: int) -> str:
         if consoles > 1000:
-            return "socat: one relay process per console; not run above 1,000 consoles"
+            return "one relay process per console; not run above 1,000 consoles"
         return ""
 
 
