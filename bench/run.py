@@ -667,8 +667,10 @@ def markdown(
         per_target = by_case[(workload, case)]
         columns = TABLE_METRICS[workload]
         lines += [f"## {workload}: {case}", ""]
-        lines.append("| target | " + " | ".join(label for _, label in columns) + " | runs |")
-        lines.append("|---|" + "---:|" * (len(columns) + 1))
+        failed_here = any((workload, case, t) in failures for t in opts.targets)
+        if per_target or failed_here:
+            lines.append("| target | " + " | ".join(label for _, label in columns) + " | runs |")
+            lines.append("|---|" + "---:|" * (len(columns) + 1))
         for target in opts.targets:
             if target in per_target:
                 values = per_target[target]
