@@ -104,7 +104,7 @@ class RawProtocol(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
         if self.handshake is not None:
-            transport.write(self.handshake.start())
+            self.transport.write(self.handshake.start())
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return SHARED_VIEW
@@ -252,7 +252,7 @@ class WsProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
         self.transport = cast(asyncio.Transport, transport)
-        transport.write(self.request)
+        self.transport.write(self.request)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed(data)

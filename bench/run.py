@@ -835,6 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    # Also when started in the background, where the shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, terminate)
     opts.out.mkdir(parents=True, exist_ok=True)
     results_file = opts.out / "results.jsonl"
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
