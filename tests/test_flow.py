@@ -114,3 +114,14 @@ async def test_flow_hold_0_drops_at_once_and_never_pauses(
         c = d.consoles["f"]
         await wait_for(lambda: c.counters.drops.get("too_slow", 0) == 1, 10, "drop")
         assert c.counters.holds == 0
+
+
+def test_binary_frame_header_lengths() -> None:
+    """Direct-path frames follow RFC 6455 for the 7-bit, 16-bit and 64-bit length forms."""
+    from serialmuxd.wssession import binary_frame_header
+
+    assert binary_frame_header(5) == b"\x82\x05"
+    assert binary_frame_header(125) == b"\x82\x7d"
+    assert binary_frame_header(126) == b"\x82\x7e\x00\x7e"
+    assert binary_frame_header(65535) == b"\x82\x7e\xff\xff"
+    assert binary_frame_header(65536) == b"\x82\x7f" + (65536).to_bytes(8, "big")
