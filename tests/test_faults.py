@@ -242,16 +242,32 @@ async def test_kill_9_mid_seq_in_a_real_guest_loses_nothing_read(
             )
             after = await r.read()
     # Up to the kill: the guest's numbers in order, none twice.  TCG can drop a character
-    # of guest output now and then (QEMU-RIG-NOTES); the bytes are compared above.
+    # of guest output now and then (QEMU-RIG-NOTES: "1207" arrives as "207", or a line
+    # goes missing), so up to 3 such slips are let through; a repeated or lost chunk of
+    # output would be many.  The bytes themselves are compared with the watcher above.
     nums = [int(m) for m in re.findall(rb"\r\n(\d+)(?=\r\n)", before)]
     nums = nums[nums.index(1) :]
-    assert nums == sorted(set(nums)), "duplicated or reordered lines before the kill"
-    missing = sorted(set(range(1, nums[-1])) - set(nums))
-    assert len(missing) <= 3, f"lines the daemon had read are missing: {missing[:20]}"
+    assert seq_slips(nums, 1) <= 3, f"lines out of sequence before the kill: {nums[:50]}..."
     # After the restart (QEMU threw away what the guest printed meanwhile): later numbers,
-    # in order, up to the end of seq.
+    # in sequence, up to the end of seq.
     later = [int(m) for m in re.findall(rb"\r\n(\d+)(?=\r\n)", after)]
-    assert later and later[0] > nums[-1] and later == sorted(set(later)) and later[-1] == 200000
+    assert later and later[0] > nums[-1] and later[-1] == 200000
+    assert seq_slips(later, later[0]) <= 3, "lines out of sequence after the restart"
+
+
+def seq_slips(nums: list[int], first: int) -> int:
+    """How far ``nums`` is from first, first+1, …: lines missing plus numbers garbled."""
+    slips, want = 0, first
+    for n in nums:
+        if n == want:
+            want += 1
+        elif want < n <= want + 3:  # a line or a few lost
+            slips += n - want
+            want = n + 1
+        else:  # a garbled number (a dropped digit), or a repeat
+            slips += 1
+            want += 1
+    return slips
 
 
 def ring_next_on_disk(path: Path) -> int:
