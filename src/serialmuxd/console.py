@@ -120,7 +120,7 @@ class Console:
         self.vm_status: str | None = None
         self.qmp: QmpLink | None = None  # from QMP query-status when there is a QMP link
         self._seen_up = False
-        self._hold: tuple[Session, asyncio.TimerHandle] | None = None
+        self._hold: tuple[Session, asyncio.TimerHandle, int] | None = None
         self._seat = Seat()
         self._active: Session | None = None
         self._watchers: dict[str, Session] = {}
@@ -294,14 +294,16 @@ class Console:
         """The interactive client is over its buffer: hold the UART briefly, or drop it.
 
         Flow control for a fast client in a flood, bounded so that a stuck one
-        costs the guest at most ``flow_hold_ms`` once: a client must drain three
-        quarters of its buffer within the hold (256 KiB in 200 ms by default,
-        about 1 MB/s, ~90x a 115200-baud line) or it is dropped as too_slow.
+        costs the guest at most ``flow_hold_ms`` once: the hold ends when the
+        client has drained to a quarter of its buffer, is renewed while it keeps
+        draining at least a quarter buffer per hold (64 KiB per 200 ms by
+        default, ~320 KB/s, ~28x a 115200-baud line), and otherwise ends with
+        the client dropped as too_slow.
         """
         hold_s = self.cfg.settings.flow_hold_ms / 1000
         if hold_s > 0 and self.backend.pause_reading():
             timer = asyncio.get_running_loop().call_later(hold_s, self._hold_expired)
-            self._hold = (session, timer)
+            self._hold = (session, timer, session.backlog())
             self.counters.holds += 1
             session.on_drained(self._hold_released)
         else:
@@ -320,9 +322,19 @@ class Console:
         hold = self._hold
         if hold is None:
             return
+        session, _, before = hold
+        now = session.backlog()
+        if session is self._active and before - now >= self.cfg.settings.client_buffer_bytes // 4:
+            # Slower than the flood but moving (a quarter buffer per hold, ~320 KB/s by
+            # default): keep holding.  A stuck client makes no progress and goes below.
+            timer = asyncio.get_running_loop().call_later(
+                self.cfg.settings.flow_hold_ms / 1000, self._hold_expired
+            )
+            self._hold = (session, timer, now)
+            return
         self._hold_released()
-        if hold[0] is self._active:
-            self.drop_too_slow(hold[0])
+        if session is self._active:
+            self.drop_too_slow(session)
 
     def drop_too_slow(self, session: Session) -> None:
         self.drop(

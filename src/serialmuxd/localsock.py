@@ -73,6 +73,10 @@ class LocalSession(Session, asyncio.Protocol):
             if self._transport is not None and not self._transport.is_closing():
                 self._transport.resume_reading()
 
+    def backlog(self) -> int:
+        t = self._transport
+        return 0 if t is None else t.get_write_buffer_size()
+
     def pause_writing(self) -> None:
         return  # deliver() reports the bound; the console decides
 

@@ -89,6 +89,10 @@ class Session(abc.ABC):
         """Call ``callback`` once when queued output falls to a quarter of the bound."""
         self._drained = callback
 
+    def backlog(self) -> int:
+        """Bytes accepted for this client but not yet taken by it (queue + transport)."""
+        return 0
+
     def _check_drained(self, queued: int, bound: int) -> None:
         cb = self._drained
         if cb is not None and queued <= bound // 4:
@@ -150,6 +154,9 @@ class QueuedSession(Session):
             items.append(bytearray(data))
         self._wake.set()
         return self._queued <= self._bound
+
+    def backlog(self) -> int:
+        return self._queued
 
     @property
     def over_bound(self) -> bool:

@@ -65,6 +65,10 @@ class WsSession(QueuedSession):
             return t.get_write_buffer_size() <= self._bound
         return super().deliver(data)
 
+    def backlog(self) -> int:
+        t = self._transport
+        return self._queued + (t.get_write_buffer_size() if t is not None else 0)
+
     def on_drained(self, callback: Callable[[], None] | None) -> None:
         super().on_drained(callback)
         if self._poll is not None:
@@ -79,9 +83,7 @@ class WsSession(QueuedSession):
         self._poll = None
         if self._drained is None:
             return
-        t = self._transport
-        backlog = self._queued + (t.get_write_buffer_size() if t is not None else 0)
-        if backlog <= self._bound // 4:
+        if self.backlog() <= self._bound // 4:
             self._check_drained(0, self._bound)
         else:
             self._poll = asyncio.get_running_loop().call_later(_DRAIN_POLL_S, self._poll_drained)
