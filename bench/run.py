@@ -396,6 +396,10 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
         "client_cpu_pct": 100 * (b.client["cpu_s"] - a.client["cpu_s"]) / seconds,
         "fakevm_cpu_pct": 100 * (b.vm["cpu_s"] - a.vm["cpu_s"]) / seconds,
         "processes": mem.processes,
+        # All each UART printed since the server connected it: for serialmuxd, the
+        # ring-log bytes written, so file-backed PSS can be set against the ring
+        # pages the guest has filled.
+        "printed_kib_per_console": b.vm["produced"] / n / 1024,
     }
     if has_server:
         metrics |= {
@@ -575,6 +579,7 @@ TABLE_METRICS: dict[str, list[tuple[str, str]]] = {
         ("pss_kib_per_console", "PSS KiB/console"),
         ("pss_anon_kib_per_console", "anon PSS KiB/console"),
         ("rss_kib_per_console", "RSS KiB/console"),
+        ("printed_kib_per_console", "printed KiB/console"),
         ("startup_s", "start-up s"),
         ("attach_all_s", "all attached s"),
     ],
