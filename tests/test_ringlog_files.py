@@ -271,3 +271,39 @@ def test_sigkill_loses_nothing_appended(tmp_path: Path) -> None:
     assert log.next == reported == len(expected)
     assert log.read(None) == (len(expected) - capacity, expected[-capacity:], False)
     log.close()
+
+
+CRASH_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from serialmuxd.ringlog import RingLog
+
+    # Die by SIGKILL at the instant the named step of creating a new ring starts.
+    def die(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    setattr(os, sys.argv[3], die)
+    RingLog.open(Path(sys.argv[1]), int(sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("step", "left", "reason"),
+    [("posix_fallocate", b"", "empty"), ("pwrite", bytes(DATA_START + CAP), "bad magic")],
+)
+def test_kill_while_creating_a_new_ring_is_never_taken_for_a_log(
+    tmp_path: Path, step: str, left: bytes, reason: str
+) -> None:
+    """A first start killed half-way through making NAME.ring (made in place, header
+    written last) leaves a file the next start rejects and moves aside; the log starts at 0."""
+    path = tmp_path / "vm1.ring"
+    env = dict(os.environ, PYTHONPATH=str(Path(ringlog.__file__).parents[1]))
+    child = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(path), str(CAP), step], env=env, timeout=30
+    )
+    assert child.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vm1.ring"], "made in place, no side file"
+    assert path.read_bytes() == left
+    reopen_expect_moved(path, CAP, left, 0, reason)
