@@ -10,14 +10,8 @@ scoped to the prefix with the Origin check, and the page itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import shutil
-import socket
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,6 +20,7 @@ import pytest
 
 from serialmuxd.daemon import Daemon
 from tests.conftest import DaemonFactory, Users
+from tests.nginx import Nginx, run_user
 from tests.test_sessions import recv_json, recv_until
 from tests.test_systemd import free_port
 
@@ -90,42 +85,19 @@ http {{
 @pytest.fixture
 def nginx(tmp_path: Path) -> Iterator[Callable[[int, int], str]]:
     """Start nginx (as a child, daemon off) in front of two daemon ports; returns its base URL."""
-    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if exe is None:
-        pytest.skip("nginx is not installed (Debian package nginx-light)")
-    procs: list[subprocess.Popen[bytes]] = []
+    runner = Nginx()
     root = tmp_path / "nginx"
 
     def start(port_a: int, port_b: int) -> str:
         root.mkdir()
         port = free_port()
-        conf = root / "nginx.conf"
-        # As root, nginx's workers would switch to "nobody", who cannot enter tmp_path.
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf.write_text(NGINX_CONF.format(user=user, root=root, port=port, port_a=port_a, port_b=port_b))
-        proc = subprocess.Popen(
-            [exe, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        runner.start(
+            root, NGINX_CONF.format(user=run_user(), root=root, port=port, port_a=port_a, port_b=port_b), port
         )
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return f"http://127.0.0.1:{port}"
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (root / "error.log").read_text() if (root / "error.log").exists() else ""
-                raise RuntimeError(f"nginx did not start: {log}")
-            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}"
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    runner.stop()
 
 
 async def fleet(

@@ -11,9 +11,7 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 from serialmuxd.daemon import Daemon
 from tests.conftest import REPO, DaemonFactory, Users, url_of, wait_for
 from tests.guest import GuestFactory
+from tests.nginx import Nginx, run_user
 from tests.test_pages import tls_files  # noqa: F401  (fixture)
 
 playwright_api = pytest.importorskip("playwright.async_api")
@@ -549,20 +548,16 @@ def _free_port() -> int:
 @pytest.fixture
 def nginx_prefix(tmp_path: Path) -> Iterator[Any]:
     """Start nginx proxying http://127.0.0.1:PORT/host7/ to a daemon port given later."""
-    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None)
-    if nginx is None:
-        pytest.skip("nginx is not installed (Debian package nginx-light)")
-    procs: list[subprocess.Popen[bytes]] = []
+    runner = Nginx()
 
     def start(daemon_port: int) -> str:
         port = _free_port()
         root = tmp_path / "nginx"
         root.mkdir()
-        user = "user root;" if os.geteuid() == 0 else ""
-        conf = root / "nginx.conf"
-        conf.write_text(
+        runner.start(
+            root,
             f"""
-{user}
+{run_user()}
 worker_processes 1;
 daemon off;
 pid {root}/nginx.pid;
@@ -590,31 +585,13 @@ http {{
     }}
   }}
 }}
-"""
+""",
+            port,
         )
-        proc = subprocess.Popen(
-            [nginx, "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-                return f"http://127.0.0.1:{port}/host7"
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (root / "error.log").read_text() if (root / "error.log").exists() else ""
-                raise RuntimeError(f"nginx did not start: {log}")
-            time.sleep(0.05)
+        return f"http://127.0.0.1:{port}/host7"
 
     yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    runner.stop()
 
 
 async def test_the_whole_flow_works_behind_a_reverse_proxy_prefix(
