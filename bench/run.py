@@ -236,6 +236,7 @@ class Options:
     out: Path
     keep: bool
     interactive_peers: bool = True
+    smx_settings: list[str] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
     tmp: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
@@ -512,7 +513,15 @@ def running(
     """The fake VM and the target, started and (whatever happens) stopped."""
     vm = FakeVmProc(wd, groups, opts)
     try:
-        target.start(Setup(wd, vm.paths, replay_bytes=replay_bytes, peer_logs=opts.peer_logs))
+        target.start(
+            Setup(
+                wd,
+                vm.paths,
+                replay_bytes=replay_bytes,
+                peer_logs=opts.peer_logs,
+                smx_settings=opts.smx_settings,
+            )
+        )
         try:
             ready_s = wait_ready(target, vm, vm.count, opts.start_timeout)
             yield vm, ready_s
@@ -750,6 +759,13 @@ def parse_args(argv: list[str] | None) -> Options:
         action="store_true",
         help="latency/throughput: speak conserver's/conman's protocol instead of their pty clients",
     )
+    parser.add_argument(
+        "--smx-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="serialmuxd: add a [defaults] setting (TOML value), e.g. coalesce_ms=0; repeatable",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument(
@@ -790,6 +806,7 @@ def parse_args(argv: list[str] | None) -> Options:
         out=args.out,
         keep=args.keep,
         interactive_peers=not args.native_peer_clients,
+        smx_settings=args.smx_set,
         report=args.report.split(",") if args.report else [],
     )
     if opts.quick:
@@ -862,6 +879,8 @@ def main(argv: list[str] | None = None) -> int:
                         "target": name,
                         "consoles": case.consoles,
                     }
+                    if opts.smx_settings and target.family == "serialmuxd":
+                        base["smx_settings"] = opts.smx_settings
                     reason = target.skip_reason(case.workload, case.consoles)
                     if case.workload == "takeover":
                         reason = reason or takeover_skip(target)

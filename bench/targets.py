@@ -36,6 +36,7 @@ class Setup:
     uart_paths: list[Path]
     replay_bytes: int = 0
     peer_logs: bool = True
+    smx_settings: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -327,6 +328,7 @@ class Serialmuxd(Target):
             "",
             "[defaults]",
             f"replay_bytes = {s.replay_bytes}",
+            *(" = ".join(part.strip() for part in kv.split("=", 1)) for kv in s.smx_settings),
             "",
         ]
         for name, path in zip(s.names, s.uart_paths, strict=True):

@@ -57,6 +57,12 @@ class ConsoleSettings:
     # a client that has not drained by then is dropped as too_slow.  0 = never
     # hold: drop at once.  Watchers are never held for.
     flow_hold_ms: int = 200
+    # While a console prints continuously, send its output to clients at most
+    # once per this many milliseconds, in one write per client, instead of one
+    # write per chunk read from the UART: the same bytes for far fewer system
+    # calls.  A console that was quiet, and the echo of a keystroke, go out at
+    # once.  0 = write every chunk as it is read.
+    coalesce_ms: int = 40
 
 
 @dataclass(frozen=True)
@@ -276,6 +282,8 @@ def _settings(ctx: _Ctx, path: str, table: Mapping[str, Any], base: ConsoleSetti
             changes[key] = _int(ctx, p, v, 4096, 64 << 20)
         elif key == "flow_hold_ms":
             changes[key] = _int(ctx, p, v, 0, 10_000)
+        elif key == "coalesce_ms":
+            changes[key] = _int(ctx, p, v, 0, 1000)
     settings = replace(base, **changes)
     if settings.replay_bytes > settings.ring_bytes:
         raise ctx.error(

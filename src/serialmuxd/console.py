@@ -4,9 +4,13 @@ Data flows one way: backend → console → (ring log, active session, watchers)
 Keystrokes flow back only from the active session: session → console →
 backend.  Nothing else touches a backend or a ring log directly.
 
-The hot path is :meth:`Console.on_data`: one ring append and one non-blocking
-``deliver`` per attached client, per chunk.  Counters are plain integers read
-at scrape time, so a console nobody watches costs a memcpy per chunk.
+The hot path is :meth:`Console.on_data`: one ring append per chunk, and for
+attached clients one non-blocking ``deliver`` each — per chunk while the
+console is quiet, per ``coalesce_ms`` while it prints continuously (the chunks
+of one window go out together, so a console streaming at line rate costs one
+write per client per window instead of one per chunk read).  Counters are
+plain integers read at scrape time, so a console nobody watches costs a memcpy
+per chunk.
 """
 
 from __future__ import annotations
@@ -31,6 +35,46 @@ log = structlog.get_logger("serialmuxd.console")
 # Magic SysRq command keys (Documentation/admin-guide/sysrq.rst).
 SYSRQ_KEYS = "0123456789bcdefghijklmnopqrstuvwxyz"
 SYSRQ_GAP_S = 0.1
+# Output pending for clients is sent at once when it reaches this size: a
+# flood needs no coalescing (its reads are large) and must not wait.
+COALESCE_MAX = 16 * 1024
+
+
+class OutputBatcher:
+    """Sends the coalesced output of every console: one timer per window length.
+
+    A console with output pending registers once per window; when the timer
+    fires, each registered console delivers what it gathered.  One timer for
+    all consoles, rather than one per console, keeps the cost per window flat
+    and lets the loop send the batch in one pass.
+    """
+
+    def __init__(self) -> None:
+        self._due: dict[float, list[Console]] = {}
+        self._timers: dict[float, asyncio.TimerHandle] = {}
+
+    def schedule(self, console: Console, window_s: float) -> None:
+        due = self._due.get(window_s)
+        if due is None:
+            due = self._due[window_s] = []
+            loop = asyncio.get_running_loop()
+            self._timers[window_s] = loop.call_later(window_s, self._fire, window_s)
+        due.append(console)
+
+    def _fire(self, window_s: float) -> None:
+        self._timers.pop(window_s, None)
+        for console in self._due.pop(window_s, ()):
+            console.flush_output()
+
+    def close(self) -> None:
+        """Send everything pending now and stop the timers (shutdown)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        due, self._due = self._due, {}
+        for consoles in due.values():
+            for console in consoles:
+                console.flush_output()
 
 
 class QmpLink(Protocol):
@@ -106,7 +150,10 @@ class Console:
         backend_factory: Callable[[str, Console], Backend],
         *,
         on_event: EventHook | None = None,
+        batcher: OutputBatcher | None = None,
     ) -> None:
+        self._batcher = batcher
+        self._window_s = 0.0
         self.cfg = cfg
         self.name = cfg.name
         self.ring = ring
@@ -127,6 +174,21 @@ class Console:
         self._on_event = on_event
         self._task: asyncio.Task[None] | None = None
         self._log = log.bind(console=self.name)
+        # Output read from the UART but not yet delivered to clients (already in the
+        # ring), and when clients were last written to: see on_data.
+        self._out = bytearray()
+        self._last_out = 0.0
+        self._typing_until = 0.0
+
+    @property
+    def cfg(self) -> ConsoleConfig:
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg: ConsoleConfig) -> None:
+        # Replaced on reload; the coalescing window is cached for the hot path.
+        self._cfg = cfg
+        self._window_s = cfg.settings.coalesce_ms / 1000 if self._batcher is not None else 0.0
 
     # --- lifecycle --------------------------------------------------------
 
@@ -163,6 +225,42 @@ class Console:
     def on_data(self, data: bytes) -> None:
         self.ring.append(data)
         self.counters.rx_bytes += len(data)
+        if self._active is None and not self._watchers:
+            return  # nobody attached: the ring log is all
+        out = self._out
+        if out:
+            out += data
+            if len(out) >= COALESCE_MAX:
+                self.flush_output()
+            return
+        window = self._window_s
+        if window:
+            now = time.monotonic()
+            if now - self._last_out < window and now > self._typing_until and len(data) < COALESCE_MAX:
+                # Clients were written to within this window: gather until it ends.
+                out += data
+                assert self._batcher is not None
+                self._batcher.schedule(self, window)
+                return
+            self._last_out = now
+        self._fan_out(data)
+
+    def flush_output(self) -> None:
+        """Deliver the output gathered in this window now (no-op when there is none).
+
+        Also called before anything that must come after the output already in
+        the ring: an attach (its replay ends where live output starts), a state
+        change, the end of the sessions.
+        """
+        if not self._out:
+            return
+        data = bytes(self._out)
+        self._out.clear()
+        if self._window_s:
+            self._last_out = time.monotonic()
+        self._fan_out(data)
+
+    def _fan_out(self, data: bytes) -> None:
         active = self._active
         if active is not None and not active.deliver(data) and self._hold is None:
             self._hold_or_drop(active)
@@ -176,6 +274,7 @@ class Console:
             if not up:
                 self.down_reason = reason  # still down, maybe for a new reason
             return
+        self.flush_output()
         self.up = up
         if up:
             if self.up_since is not None or self._seen_up:
@@ -243,6 +342,9 @@ class Console:
         """
         if not (self.enabled and self.service_enabled):
             raise ConsoleUnavailable("disabled", self.disabled_message())
+        # Everyone already attached gets the gathered output before the seat
+        # changes; the newcomer gets it in its replay, not twice.
+        self.flush_output()
         replay_n = self.cfg.settings.replay_bytes
         start, replay, _ = self.ring.read(-replay_n if replay_n else self.ring.next, None)
         if session.mode is Mode.WATCH:
@@ -270,6 +372,7 @@ class Console:
         """
         if not (self.enabled and self.service_enabled):
             raise ConsoleUnavailable("disabled", self.disabled_message())
+        self.flush_output()
         first, data, truncated = self.ring.read(start, None)
         self._seat.watch(session.id)
         self._watchers[session.id] = session
@@ -351,6 +454,7 @@ class Console:
         self.detach(session, reason)
 
     def end_all(self, ending: Ending) -> None:
+        self.flush_output()  # the last output before the goodbye
         for s in self.sessions():
             s.end(ending)
             self.detach(s, ending.reason)
@@ -377,7 +481,12 @@ class Console:
         """Keystrokes from ``session``; ignored unless it holds the seat."""
         if session is not self._active:
             return
-        session.last_input = time.monotonic()
+        now = session.last_input = time.monotonic()
+        # For a window after a keystroke, output goes out as soon as it is read:
+        # its echo and the command's answer are not gathered, and typing stays as
+        # quick as without coalescing, even on a console that prints continuously.
+        self._typing_until = now + self._window_s
+        self.flush_output()
         if not self.backend.up:
             return  # VM stopped: typing into the void, as on a real unplugged line
         try:

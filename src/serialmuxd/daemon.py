@@ -33,7 +33,7 @@ from serialmuxd.auth import Authenticator, FailureLimiter
 from serialmuxd.backends import make_backend
 from serialmuxd.backends.base import Backend
 from serialmuxd.config import Config, ConsoleConfig, load_config, validate_listen
-from serialmuxd.console import Console
+from serialmuxd.console import Console, OutputBatcher
 from serialmuxd.errors import ConfigError, SerialmuxdError
 from serialmuxd.loop import loop_name
 from serialmuxd.metrics import Metrics
@@ -143,6 +143,7 @@ class Daemon:
         self._lock_fd = -1
         self._last_status = ""
         self._reload_lock = asyncio.Lock()
+        self._batcher = OutputBatcher()
         self._log = log
 
     # --- task tracking ---------------------------------------------------------
@@ -367,7 +368,13 @@ class Daemon:
         def factory(spec: str, sink: Console) -> Backend:
             return make_backend(spec, sink, baud=ccfg.settings.baud, watcher=watcher)
 
-        console = Console(ccfg, ring or self._open_ring(ccfg), factory, on_event=self._on_console_event)
+        console = Console(
+            ccfg,
+            ring or self._open_ring(ccfg),
+            factory,
+            on_event=self._on_console_event,
+            batcher=self._batcher,
+        )
         if self.switches is not None:
             console.enabled = ccfg.name not in self.switches.disabled
             console.service_enabled = self.switches.service_enabled
@@ -484,6 +491,7 @@ class Daemon:
                 await asyncio.wait_for(self._metrics_runner.cleanup(), 0.5)
         # 4. consoles: cancel backends, flush rings
         await asyncio.gather(*(c.stop(bye) for c in self.consoles.values()), return_exceptions=True)
+        self._batcher.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
