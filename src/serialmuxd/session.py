@@ -213,19 +213,23 @@ class QueuedSession(Session):
             if self.ending is not None and self.ending.reason is EndReason.TOO_SLOW:
                 items.clear()  # a stuck client would never take the backlog
             while items:
-                item = items.popleft()
-                self._queued -= len(item)
-                if self._drained is not None:
-                    self._check_drained(self._queued, self._bound)
-                if isinstance(item, str):
-                    await self._send_text(item)
-                else:
-                    await self._send_bytes(bytes(item))
+                # Sent by a helper so that no local keeps the last item (up to a
+                # 64 KiB frame) alive while the pump sleeps, for every idle session.
+                await self._send_item(items.popleft())
             if self.ending is not None:
                 await self._finish(self.ending)
                 return
             self._wake.clear()
             await self._wake.wait()
+
+    async def _send_item(self, item: bytearray | str) -> None:
+        self._queued -= len(item)
+        if self._drained is not None:
+            self._check_drained(self._queued, self._bound)
+        if isinstance(item, str):
+            await self._send_text(item)
+        else:
+            await self._send_bytes(bytes(item))
 
     @abc.abstractmethod
     async def _send_bytes(self, data: bytes) -> None: ...

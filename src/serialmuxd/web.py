@@ -387,6 +387,7 @@ async def read_log(request: web.Request) -> web.StreamResponse:
             await resp.prepare(request)
             if data:
                 await resp.write(data)
+            data = b""  # up to a whole ring: not kept for the life of the follow
             await session.pump()
         except ConnectionError:
             # The follower left or was cut (too slow): an ordinary end, not a server error.
@@ -438,15 +439,17 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
             "replay_start": start,
         }
     )
+    replay_n = len(replay)
     if replay:
         session.deliver(replay)
+    del replay  # queued (copied): this frame lives as long as the session
     with (
         daemon.track_session(session),
         structlog.contextvars.bound_contextvars(
             console=console.name, session=session.id, user=principal.name, peer=session.peer
         ),
     ):
-        log.info("session_started", mode=mode.value, replay_bytes=len(replay))
+        log.info("session_started", mode=mode.value, replay_bytes=replay_n)
         pump = asyncio.get_running_loop().create_task(session.pump(), name=f"pump:{session.id}")
         try:
             await _read_client(ws, session, console)
