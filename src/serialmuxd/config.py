@@ -60,9 +60,9 @@ class ConsoleSettings:
     # While a console prints continuously, send its output to clients at most
     # once per this many milliseconds, in one write per client, instead of one
     # write per chunk read from the UART: the same bytes for far fewer system
-    # calls.  A console that was quiet, and the echo of a keystroke, go out at
-    # once.  0 = write every chunk as it is read.
-    coalesce_ms: int = 40
+    # calls.  A console that was quiet, and the window after a keystroke, go
+    # out at once.  The UART is always read as data arrives.  0 = per chunk.
+    coalesce_ms: int = 50
 
 
 @dataclass(frozen=True)
