@@ -265,8 +265,8 @@ class Daemon:
         self._lock_fd = fd
 
     def _raise_fd_limit(self, consoles: int) -> None:
-        """Make room for ~4 descriptors per console (ring file, UART, local listener,
-        QMP) plus one per client, as nginx's worker_rlimit_nofile does.
+        """Make room for ~4 descriptors per console (UART, local listener, QMP, a
+        client; rings keep none open), as nginx's worker_rlimit_nofile does.
 
         The soft limit goes up to the hard one; with CAP_SYS_RESOURCE (root) the
         hard one too.  Short of that, say how many are needed: running out
