@@ -19,6 +19,7 @@ from serialmuxd.auth import new_token, token_sha256
 from serialmuxd.config import parse_config
 from serialmuxd.daemon import Daemon
 from tests.guest import qemu_guest  # noqa: F401  (fixture)
+from tests.uart import UartServer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -154,3 +155,12 @@ def daemon_process(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
     yield factory
     for p in procs:
         p.stop()
+
+
+@pytest.fixture
+async def uart(tmp_path: Path) -> AsyncIterator[UartServer]:
+    """A guest's UART (a real unix-socket server, like QEMU's chardev) that echoes."""
+    u = UartServer(tmp_path / "vm1.serial")
+    await u.start()
+    yield u
+    await u.stop()

@@ -19,14 +19,6 @@ from tests.test_sessions import recv_json
 from tests.uart import UartServer
 
 
-@pytest.fixture
-async def uart(tmp_path: Path) -> UartServer:
-    u = UartServer(tmp_path / "vm1.serial")
-    await u.start()
-    yield u  # type: ignore[misc]
-    await u.stop()
-
-
 async def test_wait_matches_output_with_offsets_and_times_out_with_408(
     make_daemon: DaemonFactory, uart: UartServer
 ) -> None:

@@ -15,13 +15,11 @@ import json
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from serialmuxd.audit import EVENTS, AuditLog
 from serialmuxd.daemon import Daemon
@@ -30,14 +28,6 @@ from tests.conftest import DaemonFactory, Users, url_of, wait_for
 from tests.uart import UartServer
 
 KEYS = {"time", "event", "console", "user", "peer", "session", "offset"}
-
-
-@pytest.fixture
-async def uart(tmp_path: Path) -> AsyncIterator[UartServer]:
-    u = UartServer(tmp_path / "vm1.serial", echo=True)
-    await u.start()
-    yield u
-    await u.stop()
 
 
 async def start(make_daemon: DaemonFactory, users: Users, uart: UartServer) -> Daemon:

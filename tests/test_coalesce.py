@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -22,14 +21,6 @@ from serialmuxd.daemon import Daemon
 from tests.conftest import DaemonFactory, url_of, wait_for
 from tests.test_sessions import recv_json, recv_until
 from tests.uart import UartServer
-
-
-@pytest.fixture
-async def uart(tmp_path: Path) -> AsyncIterator[UartServer]:
-    u = UartServer(tmp_path / "vm1.serial")
-    await u.start()
-    yield u
-    await u.stop()
 
 
 async def vm1(make_daemon: DaemonFactory, uart: UartServer, coalesce_ms: int, **defaults: object) -> Daemon:

@@ -5,23 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
-import pytest
 
 from serialmuxd.daemon import Daemon
 from tests.conftest import DaemonFactory, url_of, wait_for
 from tests.uart import UartServer
-
-
-@pytest.fixture
-async def uart(tmp_path: Path) -> AsyncIterator[UartServer]:
-    u = UartServer(tmp_path / "vm1.serial")
-    await u.start()
-    yield u
-    await u.stop()
 
 
 async def vm1(make_daemon: DaemonFactory, uart: UartServer, **kw: object) -> Daemon:
