@@ -27,9 +27,7 @@ class UartProtocol(asyncio.Protocol):
 
     def __init__(self, backend: LinkBackend) -> None:
         self._backend = backend
-        # uvloop looks data_received up once per connection: pointing it straight
-        # at the console spares a Python call per chunk, the whole hot path.
-        self.data_received = backend.sink.on_data  # type: ignore[method-assign]
+        self._on_data = backend.sink.on_data
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._resume: asyncio.Event = asyncio.Event()
         self._resume.set()
@@ -40,8 +38,8 @@ class UartProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
-    def data_received(self, data: bytes) -> None:  # replaced per instance in __init__
-        self._backend.sink.on_data(data)
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too: the VM went away
