@@ -19,6 +19,7 @@ from qemu.qmp.error import QMPError
 
 from serialmuxd.backends.link import BACKOFF_CAP_S, BACKOFF_FIRST_S, describe_error
 from serialmuxd.errors import ActionFailed, BackendDown
+from serialmuxd.flag import Flag
 from serialmuxd.watch import DirWatcher
 
 log = structlog.get_logger("serialmuxd.qmp")
@@ -45,7 +46,7 @@ class QmpMonitor:
         return c is not None and c.runstate is Runstate.RUNNING
 
     async def run(self) -> None:
-        wake = asyncio.Event()
+        wake = Flag()
         if self._watcher is not None:
             self._watcher.register(self.path, wake)
         delay = BACKOFF_FIRST_S

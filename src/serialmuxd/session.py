@@ -15,9 +15,10 @@ import enum
 import json
 import secrets
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from serialmuxd.flag import Flag
 
 
 class Mode(enum.StrEnum):
@@ -135,8 +136,10 @@ class QueuedSession(Session):
         super().__init__(console=console, user=user, peer=peer, mode=mode)
         self._bound = bound
         self._queued = 0
-        self._items: deque[bytearray | str] = deque()
-        self._wake = asyncio.Event()
+        # A list and a Flag, not a deque and an Event: ~1.5 KiB less per session,
+        # and the queue is short (consecutive output merges into one item).
+        self._items: list[bytearray | str] = []
+        self._wake = Flag()
         self._finished = False
         self._cut_timer: asyncio.TimerHandle | None = None
 
@@ -215,7 +218,7 @@ class QueuedSession(Session):
             while items:
                 # Sent by a helper so that no local keeps the last item (up to a
                 # 64 KiB frame) alive while the pump sleeps, for every idle session.
-                await self._send_item(items.popleft())
+                await self._send_item(items.pop(0))
             if self.ending is not None:
                 await self._finish(self.ending)
                 return

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import structlog
 
+from serialmuxd.flag import Flag
+
 log = structlog.get_logger("serialmuxd.watch")
 
 _IN_ATTRIB = 0x00000004
@@ -36,7 +38,7 @@ class DirWatcher:
         self._libc: ctypes.CDLL | None = None
         self._wd_dirs: dict[int, str] = {}
         self._dir_wds: dict[str, int] = {}
-        self._waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._waiters: defaultdict[str, list[Flag]] = defaultdict(list)
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
             name = ctypes.util.find_library("c") or "libc.so.6"
@@ -57,9 +59,11 @@ class DirWatcher:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._fd, self._on_readable)
 
-    def register(self, path: str, event: asyncio.Event) -> None:
+    def register(self, path: str, event: Flag) -> None:
         """Set ``event`` when ``path`` is created (or re-created)."""
-        self._waiters[path].add(event)
+        waiters = self._waiters[path]
+        if event not in waiters:
+            waiters.append(event)
         if self._fd < 0 or self._libc is None:
             return
         self._ensure_reader()
@@ -74,10 +78,10 @@ class DirWatcher:
             self._dir_wds[directory] = wd
         # A missing directory is retried at the next register(): the back-off covers it.
 
-    def unregister(self, path: str, event: asyncio.Event) -> None:
+    def unregister(self, path: str, event: Flag) -> None:
         waiters = self._waiters.get(path)
-        if waiters is not None:
-            waiters.discard(event)
+        if waiters is not None and event in waiters:
+            waiters.remove(event)
             if not waiters:
                 del self._waiters[path]
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from serialmuxd.backends.base import Backend, BackendSink
 from serialmuxd.errors import BackendDown
+from serialmuxd.flag import Flag
 from serialmuxd.watch import DirWatcher
 
 BACKOFF_FIRST_S = 0.05
@@ -25,12 +26,13 @@ WRITE_HIGH_WATER = 64 * 1024
 class UartProtocol(asyncio.Protocol):
     """Feeds the sink per chunk as the loop reads it; no per-byte work."""
 
+    # One per console: slots and a Flag keep it small (see flag.py).
+    __slots__ = ("_on_data", "_resume", "closed", "transport")
+
     def __init__(self, backend: LinkBackend) -> None:
-        self._backend = backend
         self._on_data = backend.sink.on_data
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._resume: asyncio.Event = asyncio.Event()
-        self._resume.set()
+        self._resume = Flag(True)
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -84,7 +86,7 @@ class LinkBackend(Backend):
         """Open one connection; raise OSError (or ValueError) with the reason when it fails."""
 
     async def run(self) -> None:
-        wake = asyncio.Event()
+        wake = Flag()
         if self._watcher is not None and self.watch_path:
             self._watcher.register(self.watch_path, wake)
         delay = BACKOFF_FIRST_S
