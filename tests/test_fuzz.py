@@ -341,8 +341,8 @@ names = st.one_of(
 def _wait_bounded(params: dict[str, str]) -> bool:
     """/wait with a real pattern and a long timeout would only make the test wait."""
     raw = params.get("timeout_s")
-    if raw is None:
-        return False
+    if raw is None or raw == "":
+        return False  # absent or empty: the daemon's default, 30 s
     try:
         return int(raw) <= 1
     except ValueError:
