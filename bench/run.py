@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 from blocking import Closed, Conn, echo_round_trips
 from procs import Managed, cpu_seconds, memory, stop_all, stop_many
-from targets import PEERS, TARGETS, Setup, Target, missing_tools, tool_versions
+from targets import PEERS, REPO, TARGETS, Setup, Target, missing_tools, serialmuxd_command, tool_versions
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -239,6 +240,9 @@ class Options:
     smx_settings: list[str] = field(default_factory=list)
     report: list[str] = field(default_factory=list)
     tmp: Path = field(default_factory=lambda: Path("/var/tmp"))
+    smx_install: str = "wheel"
+    runtime_root: Path = field(default_factory=lambda: Path("/dev/shm"))
+    smx_command: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -348,6 +352,16 @@ def paused_point(target: Target, vm: FakeVmProc, client: LoadClientProc) -> Wind
 
 
 SETTLE_S = 0.3
+# serialmuxd's default ring_bytes, and the ring file's header page plus its first
+# time-index page (one entry a second fills a 4 KiB page in ~4 minutes).
+RING_DATA_KIB = 1024
+RING_META_KIB = 8
+
+
+def ring_pages_kib(printed_kib: float) -> float:
+    """KiB of ring-file pages a console that printed this much has touched (estimate:
+    from the mean printed per console, whole 4 KiB pages)."""
+    return -(-min(printed_kib, RING_DATA_KIB) // 4) * 4 + RING_META_KIB
 
 
 def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, Any]:
@@ -409,6 +423,9 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
             "pss_anon_kib_per_console": mem.pss_anon_kib / n,
             "pss_file_kib_per_console": mem.pss_file_kib / n,
         }
+        if target.family == "serialmuxd":
+            printed = metrics["printed_kib_per_console"]
+            metrics["pss_beyond_ring_kib_per_console"] = mem.pss_kib / n - ring_pages_kib(printed)
     if attached < n:
         metrics["note"] = (
             f"only {attached}/{n} clients attached within {opts.attach_timeout:.0f} s: "
@@ -512,6 +529,7 @@ def running(
 ) -> Iterator[tuple[FakeVmProc, float]]:
     """The fake VM and the target, started and (whatever happens) stopped."""
     vm = FakeVmProc(wd, groups, opts)
+    runtime_dir = Path(tempfile.mkdtemp(prefix="smxbench-run-", dir=opts.runtime_root))
     try:
         target.start(
             Setup(
@@ -520,6 +538,8 @@ def running(
                 replay_bytes=replay_bytes,
                 peer_logs=opts.peer_logs,
                 smx_settings=opts.smx_settings,
+                smx_command=opts.smx_command,
+                runtime_dir=runtime_dir,
             )
         )
         try:
@@ -529,6 +549,8 @@ def running(
             target.stop()
     finally:
         vm.stop()
+        # tmpfs: deleting here costs the next case nothing (unlike the ext4 work dir).
+        shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
 def takeover_skip(target: Target) -> str:
@@ -586,6 +608,7 @@ TABLE_METRICS: dict[str, list[tuple[str, str]]] = {
         ("attached", "clients attached"),
         ("server_cpu_pct", "server CPU %"),
         ("pss_kib_per_console", "PSS KiB/console"),
+        ("pss_beyond_ring_kib_per_console", "PSS beyond ring pages KiB/console"),
         ("pss_anon_kib_per_console", "anon PSS KiB/console"),
         ("rss_kib_per_console", "RSS KiB/console"),
         ("printed_kib_per_console", "printed KiB/console"),
@@ -773,6 +796,20 @@ def parse_args(argv: list[str] | None) -> Options:
         help="where each run's work directory (fake UARTs, state, logs) is made; on a disk like "
         "/var/lib, not tmpfs (default /var/tmp; see README: this machine's /tmp creates files 50x slower)",
     )
+    parser.add_argument(
+        "--runtime-root",
+        type=Path,
+        default=Path("/dev/shm"),
+        help="where serialmuxd's per-console sockets go: tmpfs, as /run (RuntimeDirectory=) is "
+        "for the systemd unit (default /dev/shm)",
+    )
+    parser.add_argument(
+        "--smx-install",
+        choices=("wheel", "dev"),
+        default="wheel",
+        help="wheel (default): run serialmuxd installed from the working tree into its own venv "
+        "(OUT/venv), as a user installs it, without the test extras; dev: the repo's .venv",
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "out")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument(
@@ -815,6 +852,8 @@ def parse_args(argv: list[str] | None) -> Options:
         interactive_peers=not args.native_peer_clients,
         smx_settings=args.smx_set,
         tmp=args.workdir_root,
+        runtime_root=args.runtime_root,
+        smx_install=args.smx_install,
         report=args.report.split(",") if args.report else [],
     )
     if opts.quick:
@@ -856,6 +895,50 @@ def report(opts: Options) -> int:
 MIN_FREE_BYTES = 20 << 30
 
 
+CLEANUP_STAMP = "smxbench-cleaned"
+# ext4 avoids reusing an inode for a while after it is freed (find_inode_bit's
+# recently_deleted check: 60 s, 5 min for directories' groups); creations are slow meanwhile.
+CHURN_S = 360.0
+
+
+def recent_cleanup(tmp: Path) -> float | None:
+    """Seconds since a previous run deleted its work directories, if within CHURN_S."""
+    try:
+        age = time.time() - (tmp / CLEANUP_STAMP).stat().st_mtime
+    except OSError:
+        return None
+    return age if age < CHURN_S else None
+
+
+def prepare_serialmuxd(opts: Options) -> tuple[list[str], dict[str, str]]:
+    """The serialmuxd command under test, and how it was installed (for the report).
+
+    By default the working tree is installed into a venv of its own, as a user
+    installs the wheel: the repo's dev venv also holds the test tools (rich,
+    which structlog imports when present, is 4 MB of memory), and an editable
+    install would let an edit to src/ change the daemon in the middle of a run.
+    """
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True
+    ).stdout.strip()
+    if opts.smx_install == "dev":
+        return serialmuxd_command(), {"install": "dev venv (editable)", "commit": commit}
+    venv = opts.out / "venv"
+    python = venv / "bin" / "python"
+    quiet = {"capture_output": True, "text": True, "timeout": 900}
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, **quiet)
+    print(f"installing serialmuxd from {REPO} ({commit}) into {venv} ...", file=sys.stderr)
+    pip = [str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check"]
+    r = subprocess.run([*pip, "--no-deps", "--force-reinstall", str(REPO)], **quiet)
+    probe = [str(python), "-c", "import serialmuxd.daemon"]
+    if r.returncode != 0 or subprocess.run(probe, **quiet).returncode != 0:
+        r = subprocess.run([*pip, str(REPO)], **quiet)  # first time, or a new dependency
+    if r.returncode != 0:
+        raise SystemExit(f"cannot install serialmuxd into {venv}:\n{r.stderr[-3000:]}")
+    return [str(venv / "bin" / "serialmuxd")], {"install": "wheel into its own venv", "commit": commit}
+
+
 def discard(wd: Path, root: Path) -> None:
     """Move a finished case's work directory aside; delete it only when disk runs short.
 
@@ -892,6 +975,16 @@ def main(argv: list[str] | None = None) -> int:
     results_file = opts.out / "results.jsonl"
     run_id = dt.datetime.now().strftime("%Y%m%dT%H%M%S")
     info = machine()
+    if any(TARGETS[n].family == "serialmuxd" for n in opts.targets):
+        opts.smx_command, info["serialmuxd"] = prepare_serialmuxd(opts)
+    churn = recent_cleanup(opts.tmp)
+    if churn is not None:
+        info["seconds_since_last_cleanup"] = round(churn)
+        print(
+            f"note: the last run deleted its work directories {churn:.0f} s ago; ext4 creates files "
+            "slowly for up to 6 minutes after a mass deletion, so start-up times may read high",
+            file=sys.stderr,
+        )
     root = Path(tempfile.mkdtemp(prefix="smxbench-", dir=opts.tmp))
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -940,6 +1033,7 @@ def main(argv: list[str] | None = None) -> int:
         stop_all()
         if not opts.keep:
             shutil.rmtree(root, ignore_errors=True)
+            (opts.tmp / CLEANUP_STAMP).touch()
     summary = medians(results)
     for s in summary:
         emit(s | {"run": run_id, "machine": info}, results_file)

@@ -38,6 +38,10 @@ class Setup:
     peer_logs: bool = True
     smx_settings: list[str] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
+    # serialmuxd: the command to run it (see run.py prepare_serialmuxd) and where its
+    # per-console sockets go (tmpfs, as /run is for the systemd unit).
+    smx_command: list[str] = field(default_factory=list)
+    runtime_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -321,7 +325,7 @@ class Serialmuxd(Target):
         lines = [
             "[daemon]",
             f'state_dir = "{s.workdir / "smx-state"}"',
-            f'unix_listen_dir = "{s.workdir / "smx-sock"}"',
+            f'unix_listen_dir = "{self.sock_dir}"',
             "",
             "[http]",
             f'listen = ["127.0.0.1:{self.port}"]',
@@ -341,6 +345,10 @@ class Serialmuxd(Target):
         ]
         return "\n".join(lines) + "\n"
 
+    @property
+    def sock_dir(self) -> Path:
+        return self.s.runtime_dir or self.s.workdir / "smx-sock"
+
     def start(self, setup: Setup) -> None:
         super().start(setup)
         self.port = free_port_range(1)
@@ -348,10 +356,13 @@ class Serialmuxd(Target):
         conf = setup.workdir / "serialmuxd.toml"
         conf.write_text(self.config(token_hash))
         env = dict(os.environ)
-        env.setdefault("PYTHONPATH", str(REPO / "src"))
+        if setup.smx_command:
+            env.pop("PYTHONPATH", None)  # the installed copy, not the source tree
+        else:
+            env.setdefault("PYTHONPATH", str(REPO / "src"))
         self.procs.append(
             Managed(
-                [*serialmuxd_command(), "run", "-c", str(conf)],
+                [*(setup.smx_command or serialmuxd_command()), "run", "-c", str(conf)],
                 setup.workdir / "serialmuxd.log",
                 env=env,
             )
@@ -369,7 +380,7 @@ class Serialmuxd(Target):
 
     def endpoint(self, index: int, purpose: str = "load") -> dict[str, Any]:
         name = self.s.names[index]
-        return {"kind": "unix", "path": str(self.s.workdir / "smx-sock" / f"{name}.sock")}
+        return {"kind": "unix", "path": str(self.sock_dir / f"{name}.sock")}
 
 
 class SerialmuxdWs(Serialmuxd):
