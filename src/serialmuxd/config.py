@@ -97,6 +97,7 @@ class HttpConfig:
     path_prefix: str = ""
     trusted_proxies: tuple[str, ...] = ()
     session_cookie_max_age_s: int = 12 * 3600
+    request_head_timeout_s: float = 30.0
 
     @property
     def tls(self) -> bool:
@@ -430,6 +431,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
             h.get("session_cookie_max_age_s", 12 * 3600),
             60,
             30 * 86400,
+        ),
+        request_head_timeout_s=_number(
+            ctx, "http.request_head_timeout_s", h.get("request_head_timeout_s", 30.0), 1, 3600
         ),
     )
     if bool(http.tls_cert) != bool(http.tls_key):

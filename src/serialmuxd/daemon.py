@@ -33,6 +33,7 @@ from serialmuxd.auth import Authenticator, FailureLimiter
 from serialmuxd.backends import make_backend
 from serialmuxd.backends.base import Backend
 from serialmuxd.config import Config, ConsoleConfig, load_config, validate_listen
+from serialmuxd.connguard import ConnGuard, GuardedTCPSite
 from serialmuxd.console import Console, OutputBatcher
 from serialmuxd.errors import ConfigError, SerialmuxdError
 from serialmuxd.loop import loop_name
@@ -123,6 +124,9 @@ class Daemon:
         self.consoles: dict[str, Console] = {}
         self.sessions: set[Session] = set()
         self.metrics = Metrics(lambda: self.consoles)
+        self.conn_guard = ConnGuard(
+            lambda: self.config.http.request_head_timeout_s, on_expire=self.metrics.http_head_timeout
+        )
         self.limiter = FailureLimiter()
         self.auth = Authenticator(config.users, b"")
         self.audit: AuditLog | None = None
@@ -420,7 +424,9 @@ class Daemon:
         await self._runner.setup()
         for addr in http.listen:
             host, port = validate_listen(addr)
-            site = web.TCPSite(self._runner, host, port, ssl_context=ssl_ctx, reuse_address=True)
+            site = GuardedTCPSite(
+                self._runner, host, port, guard=self.conn_guard, ssl_context=ssl_ctx, reuse_address=True
+            )
             try:
                 await site.start()
             except OSError as e:
@@ -435,7 +441,9 @@ class Daemon:
             )
             await self._metrics_runner.setup()
             host, port = validate_listen(http.metrics_listen)
-            msite = web.TCPSite(self._metrics_runner, host, port, reuse_address=True)
+            msite = GuardedTCPSite(
+                self._metrics_runner, host, port, guard=self.conn_guard, reuse_address=True
+            )
             try:
                 await msite.start()
             except OSError as e:
@@ -763,7 +771,8 @@ _RESTART_HTTP = ("listen", "tls_cert", "tls_key", "tls_client_ca", "metrics_list
 def _merge_live(new: Config, old: Config) -> tuple[Config, list[str]]:
     """The new config with what only a restart can change kept as it runs; and those keys.
 
-    [http] path_prefix, trusted_proxies and session_cookie_max_age_s apply live.
+    [http] path_prefix, trusted_proxies, session_cookie_max_age_s and
+    request_head_timeout_s apply live.
     """
     from dataclasses import fields, replace
 

@@ -30,6 +30,7 @@ class Metrics(Collector):
         self._consoles = consoles
         self.auth_failures = 0
         self.ring_errors = 0
+        self.http_head_timeouts = 0
         self.http_requests: dict[tuple[str, str], int] = {}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -38,6 +39,9 @@ class Metrics(Collector):
         key = (route, str(status))
         if key in self.http_requests or len(self.http_requests) < MAX_ROUTES * 8:
             self.http_requests[key] = self.http_requests.get(key, 0) + 1
+
+    def http_head_timeout(self) -> None:
+        self.http_head_timeouts += 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -96,6 +100,11 @@ class Metrics(Collector):
         yield CounterMetricFamily(P + "auth_failures", "Failed authentications", value=self.auth_failures)
         yield CounterMetricFamily(
             P + "ring_errors", "Ring log files moved aside or unusable", value=self.ring_errors
+        )
+        yield CounterMetricFamily(
+            P + "http_request_head_timeouts",
+            "HTTP connections closed for not sending a complete request head in time",
+            value=self.http_head_timeouts,
         )
         http = CounterMetricFamily(
             P + "http_requests", "HTTP requests by route and status", labels=["route", "code"]

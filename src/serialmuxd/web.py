@@ -65,6 +65,8 @@ async def error_middleware(
     daemon = request.app[DAEMON]
     route = _route_label(request)
     status = 500
+    # A whole request head arrived: the connection's deadline stops until the answer is sent.
+    daemon.conn_guard.request_started(request.protocol)
     try:
         resp = await handler(request)
         status = resp.status
@@ -88,6 +90,7 @@ async def error_middleware(
         raise
     finally:
         daemon.metrics.http_request(route, status)
+        daemon.conn_guard.request_finished(request.protocol)
 
 
 def _keep_headers(e: web.HTTPException) -> dict[str, str]:
