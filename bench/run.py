@@ -936,7 +936,14 @@ def prepare_serialmuxd(opts: Options) -> tuple[list[str], dict[str, str]]:
         r = subprocess.run([*pip, str(REPO)], **quiet)  # first time, or a new dependency
     if r.returncode != 0:
         raise SystemExit(f"cannot install serialmuxd into {venv}:\n{r.stderr[-3000:]}")
+    # The install just wrote and compiled thousands of files: let the disk write them
+    # back now, not while the first case's daemon is creating its ring files.
+    os.sync()
+    time.sleep(INSTALL_SETTLE_S)
     return [str(venv / "bin" / "serialmuxd")], {"install": "wheel into its own venv", "commit": commit}
+
+
+INSTALL_SETTLE_S = 5.0
 
 
 def discard(wd: Path, root: Path) -> None:
