@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -19,8 +20,20 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def _sockdir(tmp_path: Path) -> Path:
+    # Under /tmp, not tmp_path: a unix socket path must fit in 108 bytes.
+    return Path(f"/tmp/smx-ls-{os.getpid()}-{id(tmp_path) % 10000}")
+
+
+@pytest.fixture(autouse=True)
+def _remove_sockdir(tmp_path: Path) -> Iterator[None]:
+    """Set up before make_daemon, so torn down after its daemons have stopped."""
+    yield
+    shutil.rmtree(_sockdir(tmp_path), ignore_errors=True)
+
+
 async def demo_daemon(make_daemon: DaemonFactory, tmp_path: Path) -> tuple[object, Path]:
-    sockdir = Path(f"/tmp/smx-ls-{os.getpid()}-{id(tmp_path) % 10000}")
+    sockdir = _sockdir(tmp_path)
     d = await make_daemon(
         [{"name": "demo1", "uart": "demo:?boot=0"}],
         daemon={"unix_listen_dir": str(sockdir)},
