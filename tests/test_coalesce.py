@@ -187,3 +187,45 @@ async def test_local_socket_stream_is_exact_with_coalescing(
             while len(got) < len(sent):
                 got += await loop.sock_recv(sock, 65536)
         assert bytes(got) == sent
+
+
+async def test_a_ring_smaller_than_a_window_of_output_still_delivers_every_byte(
+    make_daemon: DaemonFactory, uart: UartServer, tmp_path: Path
+) -> None:
+    """Gathered output waits in the ring log itself, so a 4 KiB ring and a 300 ms window
+    with 200 KiB printed in between (chunks of 1 byte to 10 KiB) must not overwrite
+    what a client has not been sent yet: every byte arrives once, in order."""
+    d = await make_daemon(
+        [{"name": "vm1", "uart": f"unix:{uart.path}"}],
+        defaults={"coalesce_ms": 300, "replay_bytes": 0, "ring_bytes": 4096},
+        daemon={"unix_listen_dir": str(tmp_path / "sock")},
+    )
+    await asyncio.wait_for(uart.connected.wait(), 10)
+    loop = asyncio.get_running_loop()
+    sizes = [1, 7, 300, 1023, 1024, 1025, 4095, 4096, 4097, 10240]
+    sent = bytearray()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.setblocking(False)
+        await loop.sock_connect(sock, str(tmp_path / "sock" / "vm1.sock"))
+        await wait_for(lambda: d.consoles["vm1"].active is not None)
+        got = bytearray()
+
+        async def read_all() -> None:
+            while len(got) < 200 * 1024:
+                got.extend(await loop.sock_recv(sock, 65536))
+
+        reader = asyncio.create_task(read_all())
+        i = 0
+        while len(sent) < 200 * 1024:
+            n = min(sizes[i % len(sizes)], 200 * 1024 - len(sent))
+            chunk = bytes((i + k) % 251 for k in range(n))
+            await uart.print(chunk)
+            sent += chunk
+            i += 1
+            if i % 16 == 0:
+                await asyncio.sleep(0.01)  # some reads apart, some merged
+        await asyncio.wait_for(reader, 20)
+        assert got == sent
+    ring = d.consoles["vm1"].ring
+    assert ring.next == len(sent)
+    assert ring.read(None)[1] == bytes(sent[-4096:])

@@ -60,6 +60,9 @@ ops = st.lists(
     st.one_of(
         st.tuples(st.just("append"), st.binary(max_size=150)),
         st.tuples(st.just("read"), st.tuples(starts, max_bytes_st)),
+        # A socket read into writable() spans, as the console does for a UART.
+        st.tuples(st.just("recv"), st.tuples(st.binary(max_size=150), st.integers(1, 80))),
+        st.tuples(st.just("since"), st.integers(min_value=-10, max_value=400)),
     ),
     max_size=40,
 )
@@ -144,12 +147,34 @@ def test_read_window_rejects_negative_max_bytes() -> None:
 # --- RingLog in memory and on disk ---------------------------------------------
 
 
+def recv_into(log: RingLog, data: bytes, limit: int) -> None:
+    """What a BufferedProtocol read loop does: fill a prefix of each writable span
+    with what the socket has (at most ``limit`` at a time), commit, repeat."""
+    while data:
+        view = log.writable()
+        assert 0 < len(view) <= log.span_max
+        assert log.span_max <= max(1, log.capacity // 4)
+        k = min(len(view), len(data), limit)
+        view[:k] = data[:k]
+        view.release()
+        before = log.next
+        assert log.commit(k) == before + k
+        data = data[k:]
+
+
 def run_ops(log: RingLog, model: Model, operations: list[tuple[str, object]]) -> None:
     for op, arg in operations:
         if op == "append":
             assert isinstance(arg, bytes)
             model.everything += arg
             assert log.append(arg) == model.next
+        elif op == "recv":
+            chunk, limit = cast(tuple[bytes, int], arg)
+            model.everything += chunk
+            recv_into(log, chunk, limit)
+        elif op == "since":
+            since = cast(int, arg)
+            assert log.since(since) == bytes(model.everything[max(since, model.first) :])
         else:
             start, max_bytes = cast(tuple[int | None, int | None], arg)
             check_reads(log, model, start, max_bytes)
@@ -159,7 +184,8 @@ def run_ops(log: RingLog, model: Model, operations: list[tuple[str, object]]) ->
 
 @given(capacities, ops)
 def test_memory_ring_matches_model(capacity: int, operations: list[tuple[str, object]]) -> None:
-    """RingLog.memory keeps exactly the newest capacity bytes with model offsets."""
+    """RingLog.memory keeps exactly the newest capacity bytes with model offsets,
+    whether output is appended or read straight into its writable spans."""
     log = RingLog.memory(capacity)
     assert not log.persistent and log.error is None and log.path is None
     run_ops(log, Model(capacity), operations)
@@ -195,7 +221,8 @@ def test_file_ring_matches_model_across_reopen(
     after: list[tuple[str, object]],
     how: str,
 ) -> None:
-    """A file ring matches the model, and a reopen after close or crash keeps offsets and data."""
+    """A file ring matches the model, and a reopen after close or crash keeps offsets and
+    data, including bytes read straight into the mapping (writable/commit)."""
     with fresh_dir() as d:
         path = Path(d) / "vm1.ring"
         model = Model(capacity)

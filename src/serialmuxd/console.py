@@ -4,13 +4,16 @@ Data flows one way: backend → console → (ring log, active session, watchers)
 Keystrokes flow back only from the active session: session → console →
 backend.  Nothing else touches a backend or a ring log directly.
 
-The hot path is :meth:`Console.on_data`: one ring append per chunk, and for
-attached clients one non-blocking ``deliver`` each — per chunk while the
-console is quiet, per ``coalesce_ms`` while it prints continuously (the chunks
-of one window go out together, so a console streaming at line rate costs one
-write per client per window instead of one per chunk read).  Counters are
-plain integers read at scrape time, so a console nobody watches costs a memcpy
-per chunk.
+The hot path is :meth:`Console.buffer_updated`: a socket backend reads the
+UART straight into the ring log's file mapping (:meth:`Console.get_buffer`),
+so a chunk costs one read and two short calls, with no bytes object and no
+copy.  Attached clients get one non-blocking ``deliver`` each — per chunk
+while the console is quiet, per ``coalesce_ms`` while it prints continuously
+(the output of one window stays in the ring and goes out as one slice, so a
+console streaming at line rate costs one write per client per window instead
+of one per chunk read).  Counters are plain integers or ring offsets read at
+scrape time.  Backends that read into their own buffers hand chunks to
+:meth:`Console.on_data`, which appends them and takes the same path.
 """
 
 from __future__ import annotations
@@ -125,7 +128,6 @@ class Seat:
 class Counters:
     """Read at scrape time by the metrics collector; bumped per chunk."""
 
-    rx_bytes: int = 0
     tx_bytes: int = 0
     reconnects: int = 0
     sessions: int = 0
@@ -174,10 +176,18 @@ class Console:
         self._on_event = on_event
         self._task: asyncio.Task[None] | None = None
         self._log = log.bind(console=self.name)
-        # Output read from the UART but not yet delivered to clients (already in the
-        # ring), and when clients were last written to: see on_data.
-        self._out = bytearray()
+        # Where the output read from the UART but not yet delivered to clients
+        # starts in the ring (None: nothing pending), and when clients were last
+        # written to: see _output.
+        self._out_from: int | None = None
         self._last_out = 0.0
+        self._rx_base = ring.next
+        # Gathered output never exceeds a quarter ring, nor does one read into the
+        # ring (RingLog.span_max): what is pending is never overwritten.
+        self._coalesce_max = min(COALESCE_MAX, ring.capacity // 4) or 1
+        #: BufferedSink: where the backend reads the UART to, straight into the ring
+        #: log (no copy).  The ring's own method, not a wrapper: it runs per chunk.
+        self.get_buffer: Callable[[int], memoryview] = ring.writable
         self._typing_until = 0.0
 
     @property
@@ -222,28 +232,49 @@ class Console:
 
     # --- backend side (BackendSink) ----------------------------------------
 
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` of guest output were read into :meth:`get_buffer`'s view."""
+        end = self.ring.commit(nbytes)
+        start = self._out_from
+        if start is not None:
+            # Streaming: the window's timer sends what is gathered (the common
+            # case at line rate, so it is checked here rather than in _output).
+            if end - start >= self._coalesce_max:
+                self.flush_output()
+        elif self._active is not None or self._watchers:
+            self._output(end - nbytes, nbytes, None)
+
     def on_data(self, data: bytes) -> None:
-        self.ring.append(data)
-        self.counters.rx_bytes += len(data)
-        if self._active is None and not self._watchers:
-            return  # nobody attached: the ring log is all
-        out = self._out
-        if out:
-            out += data
-            if len(out) >= COALESCE_MAX:
+        """Guest output from a backend that reads into its own buffers."""
+        n = len(data)
+        if n >= self._coalesce_max and self._out_from is not None:
+            self.flush_output()  # what is gathered goes out before a big append can overwrite it
+        end = self.ring.append(data)
+        if self._active is not None or self._watchers:
+            self._output(end - n, n, data)
+
+    def _output(self, start: int, n: int, data: bytes | None) -> None:
+        """Send ``n`` bytes the ring holds from ``start`` to the clients, now or at the window's end.
+
+        Gathered output stays in the ring until it is sent (``_out_from``), so
+        gathering costs nothing per chunk.  ``RingLog.span_max`` and ``_coalesce_max``
+        (each at most a quarter ring) keep it from being overwritten meanwhile.
+        """
+        if self._out_from is not None:
+            if start + n - self._out_from >= self._coalesce_max:
                 self.flush_output()
             return
         window = self._window_s
         if window:
             now = time.monotonic()
-            if now - self._last_out < window and now > self._typing_until and len(data) < COALESCE_MAX:
+            if now - self._last_out < window and now > self._typing_until and n < self._coalesce_max:
                 # Clients were written to within this window: gather until it ends.
-                out += data
+                self._out_from = start
                 assert self._batcher is not None
                 self._batcher.schedule(self, window)
                 return
             self._last_out = now
-        self._fan_out(data)
+        self._fan_out(self.ring.since(start) if data is None else data)
 
     def flush_output(self) -> None:
         """Deliver the output gathered in this window now (no-op when there is none).
@@ -252,13 +283,13 @@ class Console:
         the ring: an attach (its replay ends where live output starts), a state
         change, the end of the sessions.
         """
-        if not self._out:
+        start = self._out_from
+        if start is None:
             return
-        data = bytes(self._out)
-        self._out.clear()
+        self._out_from = None
         if self._window_s:
             self._last_out = time.monotonic()
-        self._fan_out(data)
+        self._fan_out(self.ring.since(start))
 
     def _fan_out(self, data: bytes) -> None:
         active = self._active
@@ -293,6 +324,11 @@ class Console:
         self._emit("backend_up" if up else "backend_down", None, {"reason": reason})
 
     # --- state ------------------------------------------------------------
+
+    @property
+    def rx_bytes(self) -> int:
+        """Bytes read from the guest since start-up: the ring counts them, not the hot path."""
+        return self.ring.next - self._rx_base
 
     @property
     def state(self) -> str:

@@ -81,7 +81,7 @@ class Metrics(Collector):
         for c in consoles:
             n = [c.name]
             k = c.counters
-            rx.add_metric(n, k.rx_bytes)
+            rx.add_metric(n, c.rx_bytes)
             tx.add_metric(n, k.tx_bytes)
             up.add_metric(n, 1 if c.up else 0)
             rec.add_metric(n, k.reconnects)

@@ -103,6 +103,8 @@ _NEXT_AT = 64
 _HEADER_READ = _NEXT_AT + _NEXT_INDEX.size  # 80: all header bytes that carry meaning
 
 _SECOND_NS = 1_000_000_000
+# writable()'s span limit: as much as uvloop reads at once into its own buffer.
+SPAN_MAX = 256 * 1024
 # The wall clock the time index records; a module global so tests can steer it.
 _now = time.time_ns
 # Offsets are u64 on disk; anything near the top is a scribble, not 2**63 bytes of output.
@@ -299,7 +301,14 @@ class RingLog:
         self._lock = threading.Lock()
         # A RingLog dropped without close() must still unmap, as a crashed
         # process would; close() runs this finalizer itself.
-        self._release = weakref.finalize(self, _release, mm, None)
+        # The data area as a writable view, sliced by writable() for reads
+        # straight from a socket into the log.
+        self._data = memoryview(mm)[DATA_START : DATA_START + capacity]
+        #: the longest span writable() hands out: a quarter ring at most, so that a
+        #: reader gathering output in the log for a quarter ring more (the console's
+        #: coalescing) never has it overwritten by one read
+        self.span_max = min(SPAN_MAX, capacity // 4) or 1
+        self._release = weakref.finalize(self, _release, self._data, mm)
         self.path = path
         self.capacity = capacity
         self.error = error
@@ -311,6 +320,7 @@ class RingLog:
         h = _read_header(src)
         self._base = h.base
         self._next = h.next_offset
+        self._pos = h.next_offset % capacity
         self._index_count = h.index_count
         self._last_index_ns = 0
         if h.index_count:
@@ -534,19 +544,37 @@ class RingLog:
         if not n:
             return self._next
         mm = self._mm
-        nxt = self._next
+        pos = self._pos
         cap = self.capacity
-        pos = nxt % cap
         if n <= cap - pos:
             mm[DATA_START + pos : DATA_START + pos + n] = data
         else:
-            for dpos, src, k in write_segments(nxt, cap, n):
+            for dpos, src, k in write_segments(self._next, cap, n):
                 mm[DATA_START + dpos : DATA_START + dpos + k] = data[src : src + k]
+        return self.commit(n)
+
+    def writable(self, sizehint: int = -1) -> memoryview:
+        """Where the next bytes go: at most :attr:`span_max` bytes, never past the end.
+
+        For reading a socket straight into the log (it is an
+        ``asyncio.BufferedProtocol.get_buffer``), which saves making a bytes
+        object per chunk and copying it here.  Fill a prefix, then
+        :meth:`commit` its length before anything else touches the log.
+        ``sizehint`` is ignored, as asyncio allows.
+        """
+        pos = self._pos
+        return self._data[pos : pos + self.span_max]
+
+    def commit(self, n: int) -> int:
+        """Account for ``n`` bytes just stored at the write position; the new next offset."""
+        nxt = self._next
         new = nxt + n
+        self._pos = new % self.capacity
         now = _now()
         last = self._last_index_ns
         if now - last >= _SECOND_NS or now < last:
             count = self._index_count
+            mm = self._mm
             INDEX_ENTRY.pack_into(mm, INDEX_START + (count % INDEX_SLOTS) * INDEX_ENTRY.size, nxt, now)
             self._index_count = count + 1
             self._last_index_ns = now
@@ -554,9 +582,23 @@ class RingLog:
             # leaves the previous, consistent state.
             _NEXT_INDEX.pack_into(mm, _NEXT_AT, new, count + 1)
         else:
-            _NEXT.pack_into(mm, _NEXT_AT, new)
+            _NEXT.pack_into(self._mm, _NEXT_AT, new)
         self._next = new
         return new
+
+    def since(self, start: int) -> bytes:
+        """A copy of everything from offset ``start`` (clamped to :attr:`first`) to :attr:`next`."""
+        nxt = self._next
+        cap = self.capacity
+        start = max(start, nxt - cap, self._base)
+        n = nxt - start
+        if n <= 0:
+            return b""
+        pos = start % cap
+        mm = self._mm
+        if n <= cap - pos:
+            return mm[DATA_START + pos : DATA_START + pos + n]
+        return mm[DATA_START + pos : DATA_START + cap] + mm[DATA_START : DATA_START + pos + n - cap]
 
     def read(self, start: int | None, max_bytes: int | None = None) -> tuple[int, bytes, bool]:
         """``(first_offset, data, truncated)`` for a request resolved by :func:`read_window`."""
@@ -705,11 +747,15 @@ def _map_shared(fd: int, size: int) -> mmap.mmap:
     return mm
 
 
-def _release(mm: mmap.mmap, fd: int | None) -> None:
+def _release(data: memoryview, mm: mmap.mmap) -> None:
+    data.release()
     if not mm.closed:
-        mm.close()
-    if fd is not None:
-        os.close(fd)
+        try:
+            mm.close()
+        except BufferError:
+            # A view of the data area is still alive somewhere (a read in
+            # flight at a crash-stop): the mapping goes when that view does.
+            log.warning("ringlog_unmap_deferred")
 
 
 def _check_capacity(capacity: int) -> None:

@@ -9,7 +9,7 @@ returns while the daemon wants the console.
 from __future__ import annotations
 
 import abc
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class BackendSink(Protocol):
@@ -20,6 +20,21 @@ class BackendSink(Protocol):
 
     def on_state(self, up: bool, reason: str) -> None:
         """The link came up (``up=True``) or went down, with a short reason."""
+
+
+@runtime_checkable
+class BufferedSink(BackendSink, Protocol):
+    """A sink a backend can read into directly, as ``asyncio.BufferedProtocol`` does.
+
+    The console hands out the free span of its ring log, so guest output goes
+    from the socket to the log with no intermediate bytes object.
+    """
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """A writable, non-empty buffer for the next read; valid until buffer_updated."""
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last buffer.  Must not raise."""
 
 
 class Backend(abc.ABC):

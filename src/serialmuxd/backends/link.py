@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from typing import Any, cast
 
-from serialmuxd.backends.base import Backend, BackendSink
+from serialmuxd.backends.base import Backend, BackendSink, BufferedSink
 from serialmuxd.errors import BackendDown
 from serialmuxd.flag import Flag
 from serialmuxd.watch import DirWatcher
@@ -23,14 +23,13 @@ BACKOFF_CAP_S = 1.0
 WRITE_HIGH_WATER = 64 * 1024
 
 
-class UartProtocol(asyncio.Protocol):
-    """Feeds the sink per chunk as the loop reads it; no per-byte work."""
+class LinkProtocol(asyncio.BaseProtocol):
+    """Link state and write-side flow control, shared by both ways of reading."""
 
     # One per console: slots and a Flag keep it small (see flag.py).
-    __slots__ = ("_on_data", "_resume", "closed", "transport")
+    __slots__ = ("_resume", "closed", "transport")
 
-    def __init__(self, backend: LinkBackend) -> None:
-        self._on_data = backend.sink.on_data
+    def __init__(self) -> None:
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._resume = Flag(True)
         self.transport: asyncio.Transport | None = None
@@ -39,9 +38,6 @@ class UartProtocol(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only duck-typed.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-
-    def data_received(self, data: bytes) -> None:
-        self._on_data(data)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too: the VM went away
@@ -65,6 +61,44 @@ class UartProtocol(asyncio.Protocol):
         await self._resume.wait()
 
 
+class UartProtocol(LinkProtocol, asyncio.Protocol):
+    """Hands the sink each chunk as the transport read it (serial ports)."""
+
+    __slots__ = ("_on_data",)
+
+    def __init__(self, sink: BackendSink) -> None:
+        super().__init__()
+        self._on_data = sink.on_data
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+
+class BufferedUartProtocol(LinkProtocol, asyncio.BufferedProtocol):
+    """Reads the UART straight into the sink's buffer: the console's ring log.
+
+    At 1,000 consoles printing at line rate this is most of the daemon's work
+    per chunk.  Skipping the bytes object and the copy into the ring, and
+    calling the sink's own methods with no wrapper frame in between (the loop
+    looks ``get_buffer`` and ``buffer_updated`` up once, as attributes), saves
+    several points of a core (bench/RESULTS.md).
+    """
+
+    __slots__ = ("buffer_updated", "get_buffer")
+
+    def __init__(self, sink: BufferedSink) -> None:
+        super().__init__()
+        self.get_buffer = sink.get_buffer  # type: ignore[method-assign]
+        self.buffer_updated = sink.buffer_updated  # type: ignore[method-assign]
+
+
+def link_protocol(sink: BackendSink) -> LinkProtocol:
+    """The protocol for a socket link: buffered when the sink offers a buffer."""
+    if isinstance(sink, BufferedSink):
+        return BufferedUartProtocol(sink)
+    return UartProtocol(sink)
+
+
 class LinkBackend(Backend):
     """Connect, read until the link drops, back off, repeat — until cancelled."""
 
@@ -73,7 +107,7 @@ class LinkBackend(Backend):
 
     def __init__(self, spec: str, sink: BackendSink, *, watcher: DirWatcher | None = None) -> None:
         super().__init__(spec, sink)
-        self._proto: UartProtocol | None = None
+        self._proto: LinkProtocol | None = None
         self._watcher = watcher
         self.last_error = ""
 
@@ -82,7 +116,7 @@ class LinkBackend(Backend):
         return self._proto is not None
 
     @abc.abstractmethod
-    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+    async def open(self) -> tuple[asyncio.Transport, LinkProtocol]:
         """Open one connection; raise OSError (or ValueError) with the reason when it fails."""
 
     async def run(self) -> None:

@@ -15,7 +15,7 @@ import serial
 import serial_asyncio_fast
 
 from serialmuxd.backends.base import BackendSink
-from serialmuxd.backends.link import LinkBackend, UartProtocol
+from serialmuxd.backends.link import LinkBackend, LinkProtocol, UartProtocol
 from serialmuxd.errors import ActionFailed, BackendDown
 from serialmuxd.watch import DirWatcher
 
@@ -33,12 +33,12 @@ class SerialBackend(LinkBackend):
         if spec.startswith("/dev/"):
             self.watch_path = spec
 
-    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+    async def open(self) -> tuple[asyncio.Transport, LinkProtocol]:
         loop = asyncio.get_running_loop()
         try:
             transport, proto = await serial_asyncio_fast.create_serial_connection(
                 loop,
-                lambda: UartProtocol(self),
+                lambda: UartProtocol(self.sink),
                 self.spec,
                 baudrate=self.baud,
                 bytesize=serial.EIGHTBITS,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from serialmuxd.backends.base import BackendSink
-from serialmuxd.backends.link import LinkBackend, UartProtocol
+from serialmuxd.backends.link import LinkBackend, LinkProtocol, link_protocol
 from serialmuxd.config import validate_listen
 from serialmuxd.watch import DirWatcher
 
@@ -18,9 +18,9 @@ class UnixSocketBackend(LinkBackend):
         self.path = spec.removeprefix("unix:")
         self.watch_path = self.path
 
-    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+    async def open(self) -> tuple[asyncio.Transport, LinkProtocol]:
         loop = asyncio.get_running_loop()
-        transport, proto = await loop.create_unix_connection(lambda: UartProtocol(self), self.path)
+        transport, proto = await loop.create_unix_connection(lambda: link_protocol(self.sink), self.path)
         return transport, proto
 
 
@@ -31,9 +31,9 @@ class TcpBackend(LinkBackend):
         super().__init__(spec, sink, watcher=watcher)
         self.host, self.port = validate_listen(spec.removeprefix("tcp:"))
 
-    async def open(self) -> tuple[asyncio.Transport, UartProtocol]:
+    async def open(self) -> tuple[asyncio.Transport, LinkProtocol]:
         loop = asyncio.get_running_loop()
         transport, proto = await asyncio.wait_for(
-            loop.create_connection(lambda: UartProtocol(self), self.host, self.port), 5
+            loop.create_connection(lambda: link_protocol(self.sink), self.host, self.port), 5
         )
         return transport, proto
