@@ -289,3 +289,39 @@ async def test_idle_session_closed_4008(make_daemon: DaemonFactory, uart: UartSe
         while msg.type is not aiohttp.WSMsgType.CLOSE:
             msg = await ws.receive(timeout=5)
         assert msg.data == 4008
+
+
+async def test_a_session_that_keeps_up_carries_no_pump_task_and_still_gets_everything(
+    make_daemon: DaemonFactory, uart: UartServer
+) -> None:
+    """Memory per session: a WebSocket client that keeps up is written to directly, so
+    its session holds no pump task once the hello and replay are out; control answers
+    and the goodbye start one on demand, in order with the output around them."""
+    from serialmuxd.wssession import WsSession
+
+    d = await vm1(make_daemon, uart)
+    await uart.print(b"boot,")
+    await wait_for(lambda: d.consoles["vm1"].ring.next == 5)
+    async with aiohttp.ClientSession() as s, s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session") as ws:
+        await recv_json(ws, "hello")
+        assert await recv_until(ws, b"boot,") == b"boot,"
+        (session,) = [x for x in d.sessions if isinstance(x, WsSession)]
+        await wait_for(lambda: session.sender is None)
+        await uart.print(b"live,")
+        assert await recv_until(ws, b"live,") == b"live,"
+        assert session.sender is None  # the direct path: no task made for output
+        await ws.send_str('{"type": "ping"}')
+        await recv_json(ws, "pong")
+        await ws.send_str("not json")
+        err = await recv_json(ws, "error")
+        assert err["error"] == "bad_message"
+        await uart.print(b"after,")
+        assert await recv_until(ws, b"after,") == b"after,"
+        await wait_for(lambda: session.sender is None)
+        # The goodbye: a takeover ends this session with its message and close code.
+        async with s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session") as newcomer:
+            await recv_json(newcomer, "hello")
+            await recv_json(ws, "taken_over")
+            closing = await ws.receive(timeout=5)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 4001
+    await wait_for(lambda: session.sender is None)

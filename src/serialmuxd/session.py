@@ -155,7 +155,7 @@ class QueuedSession(Session):
             items[-1] += data
         else:
             items.append(bytearray(data))
-        self._wake.set()
+        self._notify()
         return self._queued <= self._bound
 
     def backlog(self) -> int:
@@ -176,13 +176,17 @@ class QueuedSession(Session):
         text = json.dumps(message, separators=(",", ":"))
         self._queued += len(text)
         self._items.append(text)
-        self._wake.set()
+        self._notify()
 
     def state_changed(self, state: str) -> None:
         self.control({"type": "state", "state": state})
 
-    def _close(self, ending: Ending) -> None:
+    def _notify(self) -> None:
+        """Something was queued or the session ended: the pump has work."""
         self._wake.set()
+
+    def _close(self, ending: Ending) -> None:
+        self._notify()
         # The pump may be blocked in a send to a client that stopped reading: it
         # would never reach the goodbye and the connection would stay open for
         # ever.  Past the bound, cut it.
@@ -203,14 +207,22 @@ class QueuedSession(Session):
     async def pump(self) -> None:
         """Send queued items until the session ends; then send the ending."""
         try:
-            await self._pump()
+            await self._pump(until_idle=False)
         finally:
-            self._finished = True
-            if self._cut_timer is not None:
-                self._cut_timer.cancel()
-                self._cut_timer = None
+            self._done()
 
-    async def _pump(self) -> None:
+    def _done(self) -> None:
+        self._finished = True
+        if self._cut_timer is not None:
+            self._cut_timer.cancel()
+            self._cut_timer = None
+
+    async def _pump(self, *, until_idle: bool) -> bool:
+        """Send what is queued; True once the ending is sent too.
+
+        ``until_idle`` returns as soon as the queue is empty, for a pump that is
+        started only when something is queued (see WsSession).
+        """
         items = self._items
         while True:
             if self.ending is not None and self.ending.reason is EndReason.TOO_SLOW:
@@ -221,7 +233,9 @@ class QueuedSession(Session):
                 await self._send_item(items.pop(0))
             if self.ending is not None:
                 await self._finish(self.ending)
-                return
+                return True
+            if until_idle:
+                return False
             self._wake.clear()
             await self._wake.wait()
 

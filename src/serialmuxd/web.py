@@ -453,7 +453,6 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
         ),
     ):
         log.info("session_started", mode=mode.value, replay_bytes=replay_n)
-        pump = asyncio.get_running_loop().create_task(session.pump(), name=f"pump:{session.id}")
         try:
             await _read_client(ws, session, console)
         finally:
@@ -461,14 +460,16 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
                 console.drop(session, EndReason.UNRESPONSIVE, "no answer to pings")
             session.end(Ending(EndReason.CLIENT_LEFT))
             console.detach(session, session.ending.reason if session.ending else EndReason.CLIENT_LEFT)
-            if not pump.done():
+            # Ending the session started its pump, if it was not running, to say goodbye.
+            pump = session.sender
+            if pump is not None:
                 try:
                     async with asyncio.timeout(3):
                         await asyncio.shield(pump)
                 except (TimeoutError, ConnectionError):
                     pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
-                await pump
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
+                    await pump
             # aiohttp re-arms the heartbeat when the client's close frame arrives after
             # ours; its timers would keep the whole connection in memory for up to 45 s
             # (a plateau of megabytes at 20 takeovers a second).

