@@ -50,9 +50,6 @@ HOUSEKEEPING_S = 1.0
 FDS_PER_CONSOLE = 4  # UART, local listener, QMP, one client
 FDS_SPARE = 4096
 FLUSH_EVERY_S = 30.0
-# UART links opened per loop iteration at start-up (~6 ms of work): the API answers
-# in between.
-START_BATCH = 64
 
 
 class StartupError(SerialmuxdError):
@@ -220,7 +217,7 @@ class Daemon:
         # serialized by its inode lock, and a thread pool only added overhead
         # (measured: 5,000 consoles 1.8 s serial, 3.5 s with 16 threads).
         for ccfg in cfg.consoles:
-            self._add_console(ccfg, start=False)
+            self._add_console(ccfg)
         t_consoles = time.monotonic()
         if cfg.daemon.unix_listen_dir:
             d = Path(cfg.daemon.unix_listen_dir)
@@ -231,7 +228,6 @@ class Daemon:
             await self._start_locals(list(self.consoles.values()), d)
         t_locals = time.monotonic()
         await self._start_http()
-        self.spawn(self._start_backends(list(self.consoles.values())), name="start-backends")
         self.spawn(self._housekeeping(), name="housekeeping")
         self.ready = True
         t_ready = time.monotonic()
@@ -375,9 +371,7 @@ class Daemon:
             self._local_servers[console.name] = await serve_socket(self, console, sock)
             self._local_paths[console.name] = d / f"{console.name}.sock"
 
-    def _add_console(
-        self, ccfg: ConsoleConfig, ring: RingLog | None = None, *, start: bool = True
-    ) -> Console:
+    def _add_console(self, ccfg: ConsoleConfig, ring: RingLog | None = None) -> Console:
         watcher = self._watcher
 
         def factory(spec: str, sink: Console) -> Backend:
@@ -394,27 +388,11 @@ class Daemon:
             console.enabled = ccfg.name not in self.switches.disabled
             console.service_enabled = self.switches.service_enabled
         self.consoles[ccfg.name] = console
-        if start:
-            self._start_console(console)
-        return console
-
-    def _start_console(self, console: Console) -> None:
         task = console.start()
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         self._start_qmp(console)
-
-    async def _start_backends(self, consoles: list[Console]) -> None:
-        """Start draining the UARTs, a batch per loop iteration.
-
-        Each start opens a connection (~0.1 ms); started all at once, 5,000
-        consoles kept the loop from answering HTTP for ~0.7 s after READY=1.
-        """
-        for i, console in enumerate(consoles):
-            if self.consoles.get(console.name) is console:  # not removed by a reload meanwhile
-                self._start_console(console)
-            if i % START_BATCH == START_BATCH - 1:
-                await asyncio.sleep(0)
+        return console
 
     def _start_qmp(self, console: Console) -> None:
         if console.cfg.qmp is None:
