@@ -87,3 +87,30 @@ async def test_missing_socket_is_stopped_then_connects_when_it_appears(
         assert d.consoles["late"].state == "running"
     finally:
         await u.stop()
+
+
+async def test_every_console_of_a_large_host_connects_and_is_listed(
+    make_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    """A host with 600 VMs: the API lists all 600 consoles as soon as it answers, and
+    every one of their UART links comes up."""
+    import socket
+
+    listeners = []
+    try:
+        for i in range(600):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind(str(tmp_path / f"u{i}.sock"))
+            s.listen(1)  # the kernel completes the connect; nothing needs to accept it
+            listeners.append(s)
+        d = await make_daemon([{"name": f"vm{i}", "uart": f"unix:{tmp_path}/u{i}.sock"} for i in range(600)])
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url_of(d) + "/api/v1/consoles") as r:
+                assert r.status == 200
+                assert len((await r.json())["consoles"]) == 600
+            await wait_for(lambda: all(c.up for c in d.consoles.values()), what="all 600 links up")
+            async with http.get(url_of(d) + "/readyz") as r:
+                assert r.status == 200
+    finally:
+        for s in listeners:
+            s.close()
