@@ -169,8 +169,6 @@ class Console:
         self.vm_status: str | None = None
         self.qmp: QmpLink | None = None  # from QMP query-status when there is a QMP link
         self._seen_up = False
-        #: the backend has reported its first attempt (up, or down with a reason)
-        self.link_tried = False
         self._hold: tuple[Session, asyncio.TimerHandle, int] | None = None
         self._seat = Seat()
         self._active: Session | None = None
@@ -303,7 +301,6 @@ class Console:
                     self.drop_too_slow(w)
 
     def on_state(self, up: bool, reason: str) -> None:
-        self.link_tried = True
         if up == self.up:
             if not up:
                 self.down_reason = reason  # still down, maybe for a new reason

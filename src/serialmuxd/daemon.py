@@ -50,8 +50,6 @@ HOUSEKEEPING_S = 1.0
 FDS_PER_CONSOLE = 4  # UART, local listener, QMP, one client
 FDS_SPARE = 4096
 FLUSH_EVERY_S = 30.0
-# Start-up waits at most this long for the UART links' first attempts.
-FIRST_ATTEMPTS_MAX_S = 2.0
 
 
 class StartupError(SerialmuxdError):
@@ -229,8 +227,6 @@ class Daemon:
                 raise StartupError(f"cannot create unix_listen_dir {d}: {e.strerror}") from e
             await self._start_locals(list(self.consoles.values()), d)
         t_locals = time.monotonic()
-        await self._first_link_attempts()
-        t_links = time.monotonic()
         await self._start_http()
         self.spawn(self._housekeeping(), name="housekeeping")
         self.ready = True
@@ -245,7 +241,6 @@ class Daemon:
             # Where a slow start went: ring files (the disk), local sockets, the rest.
             consoles_s=round(t_consoles - t0, 3),
             local_sockets_s=round(t_locals - t_consoles, 3),
-            uart_links_s=round(t_links - t_locals, 3),
         )
         self._notify_status("READY=1")
 
@@ -375,22 +370,6 @@ class Daemon:
                 continue
             self._local_servers[console.name] = await serve_socket(self, console, sock)
             self._local_paths[console.name] = d / f"{console.name}.sock"
-
-    async def _first_link_attempts(self) -> None:
-        """Let every backend make its first connection attempt before the API opens.
-
-        At 5,000 consoles the attempts take ~0.7 s of the loop in one go; made
-        after the API opened, they held its first answers back that long.  Done
-        here, the API answers at once and knows each console's state.  Bounded:
-        a TCP link to a host that does not answer must not hold start-up.
-        """
-        consoles = list(self.consoles.values())
-        deadline = time.monotonic() + FIRST_ATTEMPTS_MAX_S
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.005)
-            consoles = [c for c in consoles if not c.link_tried]
-            if not consoles:
-                return
 
     def _add_console(self, ccfg: ConsoleConfig, ring: RingLog | None = None) -> Console:
         watcher = self._watcher
