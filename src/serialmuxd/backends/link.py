@@ -13,6 +13,7 @@ import contextlib
 from typing import Any, cast
 
 from serialmuxd.backends.base import Backend, BackendSink, BufferedSink
+from serialmuxd.backends.readmux import Reader, ReadMux
 from serialmuxd.errors import BackendDown
 from serialmuxd.flag import Flag
 from serialmuxd.watch import DirWatcher
@@ -107,10 +108,19 @@ class LinkBackend(Backend):
     #: a path whose creation should wake the reconnect loop early, if any
     watch_path: str | None = None
 
-    def __init__(self, spec: str, sink: BackendSink, *, watcher: DirWatcher | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        sink: BackendSink,
+        *,
+        watcher: DirWatcher | None = None,
+        reads: ReadMux | None = None,
+    ) -> None:
         super().__init__(spec, sink)
         self._proto: LinkProtocol | None = None
         self._watcher = watcher
+        self._reads = reads
+        self._reader: Reader | None = None
         self.last_error = ""
 
     @property
@@ -148,10 +158,12 @@ class LinkBackend(Backend):
                 delay = BACKOFF_FIRST_S
                 self.last_error = ""
                 self._proto = proto
+                self._reader = self._read_through_mux(proto)
                 self.sink.on_state(True, "connected")
                 try:
                     await proto.closed
                 finally:
+                    self._drop_reader()
                     self._proto = None
                     if proto.transport is not None and not proto.transport.is_closing():
                         proto.transport.abort()
@@ -165,6 +177,7 @@ class LinkBackend(Backend):
         finally:
             if self._watcher is not None and self.watch_path:
                 self._watcher.unregister(self.watch_path, wake)
+            self._drop_reader()
             proto_now = self._proto
             if (
                 proto_now is not None
@@ -174,16 +187,52 @@ class LinkBackend(Backend):
                 proto_now.transport.abort()
             self._proto = None
 
+    def _read_through_mux(self, proto: LinkProtocol) -> Reader | None:
+        """Hand reading to the shared ReadMux (see readmux.py); None: the transport reads.
+
+        The transport read whatever came before this (into the same sink, in
+        order); from here on it only writes.
+        """
+        transport = proto.transport
+        if self._reads is None or transport is None or transport.is_closing():
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return None
+        transport.pause_reading()
+
+        def closed(exc: OSError | None) -> None:
+            # EOF or a read error: what the transport would have done, reading itself.
+            # Keystrokes still queued cannot reach a VM that went away.
+            self._reader = None
+            if not transport.is_closing():
+                transport.abort()
+
+        return self._reads.add(sock.fileno(), self.sink, closed)
+
+    def _drop_reader(self) -> None:
+        """Before the link's descriptor is closed: a new link may reuse its number."""
+        reader, self._reader = self._reader, None
+        if reader is not None and self._reads is not None:
+            self._reads.remove(reader)
+
     def pause_reading(self) -> bool:
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             return False
-        proto.transport.pause_reading()
+        if self._reader is not None and self._reads is not None:
+            self._reads.pause(self._reader)
+        else:
+            proto.transport.pause_reading()
         return True
 
     def resume_reading(self) -> None:
         proto = self._proto
-        if proto is not None and proto.transport is not None and not proto.transport.is_closing():
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            return
+        if self._reader is not None and self._reads is not None:
+            self._reads.resume(self._reader)
+        else:
             proto.transport.resume_reading()
 
     @property
