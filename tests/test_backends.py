@@ -114,3 +114,49 @@ async def test_every_console_of_a_large_host_connects_and_is_listed(
     finally:
         for s in listeners:
             s.close()
+
+
+async def test_tcp_serial_server_console_logs_takes_keys_and_reconnects(make_daemon: DaemonFactory) -> None:
+    """A ``tcp:host:port`` console (a ser2net raw port, a BMC's serial over TCP): the
+    output is logged and streamed, keystrokes reach the server, and when the server
+    comes back after going away the console reconnects by itself."""
+    received = bytearray()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"BMC serial ready\r\n")
+        try:
+            while data := await reader.read(1024):
+                received.extend(data)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        d = await make_daemon([{"name": "bmc", "uart": f"tcp:127.0.0.1:{port}"}])
+        console = d.consoles["bmc"]
+        await wait_for(lambda: console.ring.next == 18, what="banner logged")
+        async with (
+            aiohttp.ClientSession() as s,
+            s.ws_connect(url_of(d) + "/api/v1/consoles/bmc/session") as ws,
+        ):
+            await recv_json(ws, "hello")
+            assert b"serial ready" in await recv_until(ws, b"ready\r\n")
+            await ws.send_bytes(b"help\r")
+            await wait_for(lambda: bytes(received).endswith(b"help\r"), what="keystrokes reach the server")
+        server.close()
+        for w in writers:
+            w.close()
+        await server.wait_closed()
+        await wait_for(lambda: not console.up, what="the server's hang-up seen")
+        server = await asyncio.start_server(handle, "127.0.0.1", port)
+        await wait_for(lambda: console.up, timeout=5, what="reconnected to the restarted server")
+        await wait_for(lambda: console.ring.next == 36, what="banner after reconnect logged")
+    finally:
+        server.close()
+        for w in writers:
+            w.close()

@@ -104,7 +104,12 @@ class ReadMux:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._ep.fileno(), self._pass)
         reader = Reader(fd, sink, on_closed)
-        self._ep.register(fd, select.EPOLLIN)
+        try:
+            self._ep.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            # The number's previous link was closed with its file still open
+            # elsewhere, so epoll kept it: this registration now means the new link.
+            self._ep.modify(fd, select.EPOLLIN)
         self._readers[fd] = reader
         return reader
 
