@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -58,6 +58,13 @@ class ChunkSink:
 
 
 @pytest.fixture
+async def mux() -> AsyncIterator[ReadMux]:
+    reads = ReadMux()
+    yield reads
+    reads.close()
+
+
+@pytest.fixture
 def pairs() -> Iterator[list[tuple[socket.socket, socket.socket]]]:
     made: list[tuple[socket.socket, socket.socket]] = []
     yield made
@@ -74,128 +81,109 @@ def pair(made: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket
     return uart, ours
 
 
-async def test_output_reaches_the_sink_in_order(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+async def test_output_reaches_the_sink_in_order(
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
     """What the guest prints lands in the console's buffer byte for byte, in order."""
-    mux = ReadMux()
-    try:
-        uart, ours = pair(pairs)
-        sink = Sink()
-        mux.add(ours.fileno(), sink, lambda exc: None)
-        sent = b""
-        for i in range(50):
-            chunk = f"line {i}\r\n".encode()
-            uart.sendall(chunk)
-            sent += chunk
-            if i % 7 == 0:
-                await asyncio.sleep(0)
-        await wait_for(lambda: bytes(sink.got) == sent, what="all output read")
-    finally:
-        mux.close()
+    uart, ours = pair(pairs)
+    sink = Sink()
+    mux.add(ours.fileno(), sink, lambda exc: None)
+    sent = b""
+    for i in range(50):
+        chunk = f"line {i}\r\n".encode()
+        uart.sendall(chunk)
+        sent += chunk
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    await wait_for(lambda: bytes(sink.got) == sent, what="all output read")
 
 
 async def test_one_pass_reads_at_most_budget_uarts_and_serves_all_in_turn(
-    pairs: list[tuple[socket.socket, socket.socket]],
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """With more UARTs ready than the budget, a pass reads ``budget`` of them and
     returns to the loop; the next passes take the others before any twice."""
-    mux = ReadMux(budget=2)
-    try:
-        sinks = []
-        for _ in range(5):
-            uart, ours = pair(pairs)
-            sink = Sink()
-            mux.add(ours.fileno(), sink, lambda exc: None)
-            uart.sendall(b"x")
-            sinks.append(sink)
-        # No await from here on: the loop cannot run a pass of its own in between.
-        mux._pass()
-        assert sum(s.reads for s in sinks) == 2
-        mux._pass()
-        mux._pass()
-        assert [s.reads for s in sinks] == [1] * 5
-        mux._pass()  # nothing left to read: nothing read twice
-        assert [s.reads for s in sinks] == [1] * 5
-    finally:
-        mux.close()
+    mux.budget = 2
+    sinks = []
+    for _ in range(5):
+        uart, ours = pair(pairs)
+        sink = Sink()
+        mux.add(ours.fileno(), sink, lambda exc: None)
+        uart.sendall(b"x")
+        sinks.append(sink)
+    # No await from here on: the loop cannot run a pass of its own in between.
+    mux._pass()
+    assert sum(s.reads for s in sinks) == 2
+    mux._pass()
+    mux._pass()
+    assert [s.reads for s in sinks] == [1] * 5
+    mux._pass()  # nothing left to read: nothing read twice
+    assert [s.reads for s in sinks] == [1] * 5
 
 
 async def test_eof_is_reported_once_and_the_reader_is_gone(
-    pairs: list[tuple[socket.socket, socket.socket]],
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """When the VM closes its end, the link hears of it once (and the last bytes are kept)."""
-    mux = ReadMux()
-    try:
-        uart, ours = pair(pairs)
-        sink = Sink()
-        closed: list[OSError | None] = []
-        mux.add(ours.fileno(), sink, closed.append)
-        uart.sendall(b"goodbye\r\n")
-        uart.close()
-        await wait_for(lambda: closed == [None], what="EOF reported")
-        assert bytes(sink.got) == b"goodbye\r\n"
-        assert len(mux) == 0
-        await asyncio.sleep(0.05)
-        assert closed == [None]
-    finally:
-        mux.close()
+    uart, ours = pair(pairs)
+    sink = Sink()
+    closed: list[OSError | None] = []
+    mux.add(ours.fileno(), sink, closed.append)
+    uart.sendall(b"goodbye\r\n")
+    uart.close()
+    await wait_for(lambda: closed == [None], what="EOF reported")
+    assert bytes(sink.got) == b"goodbye\r\n"
+    assert len(mux) == 0
+    await asyncio.sleep(0.05)
+    assert closed == [None]
 
 
 async def test_a_paused_uart_is_not_read_until_resumed(
-    pairs: list[tuple[socket.socket, socket.socket]],
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """Flow control: while paused the guest's output waits in the socket, hang-up included."""
-    mux = ReadMux()
-    try:
-        uart, ours = pair(pairs)
-        sink = Sink()
-        closed: list[OSError | None] = []
-        reader = mux.add(ours.fileno(), sink, closed.append)
-        mux.pause(reader)
-        uart.sendall(b"held")
-        uart.shutdown(socket.SHUT_WR)
-        await asyncio.sleep(0.1)
-        assert sink.reads == 0 and closed == []
-        mux.resume(reader)
-        await wait_for(lambda: closed == [None], what="read after resume")
-        assert bytes(sink.got) == b"held"
-    finally:
-        mux.close()
+    uart, ours = pair(pairs)
+    sink = Sink()
+    closed: list[OSError | None] = []
+    reader = mux.add(ours.fileno(), sink, closed.append)
+    mux.pause(reader)
+    uart.sendall(b"held")
+    uart.shutdown(socket.SHUT_WR)
+    await asyncio.sleep(0.1)
+    assert sink.reads == 0 and closed == []
+    mux.resume(reader)
+    await wait_for(lambda: closed == [None], what="read after resume")
+    assert bytes(sink.got) == b"held"
 
 
 async def test_a_stale_reader_does_not_unhook_the_link_that_reuses_its_descriptor(
-    pairs: list[tuple[socket.socket, socket.socket]],
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """A link's late clean-up must not stop reading the next link given the same fd number."""
-    mux = ReadMux()
-    try:
-        _uart, ours = pair(pairs)
-        old = mux.add(ours.fileno(), Sink(), lambda exc: None)
-        fd = ours.fileno()
-        uart2, other = pair(pairs)
-        ours.close()  # the number is free again (epoll forgot the file by itself)...
-        ours2 = other.dup()  # ...and the next link's socket gets it: dup takes the lowest free
-        pairs.append((uart2, ours2))
-        assert ours2.fileno() == fd
-        sink2 = Sink()
-        mux.add(ours2.fileno(), sink2, lambda exc: None)
-        mux.remove(old)  # the old link's clean-up, late
-        uart2.sendall(b"still read")
-        await wait_for(lambda: bytes(sink2.got) == b"still read", what="new link read")
-    finally:
-        mux.close()
+    _uart, ours = pair(pairs)
+    old = mux.add(ours.fileno(), Sink(), lambda exc: None)
+    fd = ours.fileno()
+    uart2, other = pair(pairs)
+    ours.close()  # the number is free again (epoll forgot the file by itself)...
+    ours2 = other.dup()  # ...and the next link's socket gets it: dup takes the lowest free
+    pairs.append((uart2, ours2))
+    assert ours2.fileno() == fd
+    sink2 = Sink()
+    mux.add(ours2.fileno(), sink2, lambda exc: None)
+    mux.remove(old)  # the old link's clean-up, late
+    uart2.sendall(b"still read")
+    await wait_for(lambda: bytes(sink2.got) == b"still read", what="new link read")
 
 
-async def test_a_sink_without_a_buffer_gets_chunks(pairs: list[tuple[socket.socket, socket.socket]]) -> None:
+async def test_a_sink_without_a_buffer_gets_chunks(
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
     """A backend sink that only takes chunks (on_data) is served too."""
-    mux = ReadMux()
-    try:
-        uart, ours = pair(pairs)
-        sink = ChunkSink()
-        mux.add(ours.fileno(), sink, lambda exc: None)
-        uart.sendall(b"abc")
-        await wait_for(lambda: b"".join(sink.chunks) == b"abc", what="chunk delivered")
-    finally:
-        mux.close()
+    uart, ours = pair(pairs)
+    sink = ChunkSink()
+    mux.add(ours.fileno(), sink, lambda exc: None)
+    uart.sendall(b"abc")
+    await wait_for(lambda: b"".join(sink.chunks) == b"abc", what="chunk delivered")
 
 
 def test_budget_must_be_positive() -> None:
