@@ -122,6 +122,10 @@ class LinkBackend(Backend):
         self._reads = reads
         self._reader: Reader | None = None
         self.last_error = ""
+        self.parse_spec(spec)
+
+    def parse_spec(self, spec: str) -> None:
+        """Take what this kind of link needs from the ``uart`` string (already validated)."""
 
     @property
     def up(self) -> bool:

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from serialmuxd.backends.base import BackendSink
 from serialmuxd.backends.link import LinkBackend, LinkProtocol, link_protocol
-from serialmuxd.backends.readmux import ReadMux
 from serialmuxd.config import validate_listen
-from serialmuxd.watch import DirWatcher
 
 
 class UnixSocketBackend(LinkBackend):
     """The daemon is the single client of ``-chardev socket,server=on``."""
 
-    def __init__(
-        self,
-        spec: str,
-        sink: BackendSink,
-        *,
-        watcher: DirWatcher | None = None,
-        reads: ReadMux | None = None,
-    ) -> None:
-        super().__init__(spec, sink, watcher=watcher, reads=reads)
+    def parse_spec(self, spec: str) -> None:
         self.path = spec.removeprefix("unix:")
         self.watch_path = self.path
 
@@ -35,15 +24,7 @@ class UnixSocketBackend(LinkBackend):
 class TcpBackend(LinkBackend):
     """A raw TCP serial server (ser2net ``raw`` port, a BMC's serial-over-TCP)."""
 
-    def __init__(
-        self,
-        spec: str,
-        sink: BackendSink,
-        *,
-        watcher: DirWatcher | None = None,
-        reads: ReadMux | None = None,
-    ) -> None:
-        super().__init__(spec, sink, watcher=watcher, reads=reads)
+    def parse_spec(self, spec: str) -> None:
         self.host, self.port = validate_listen(spec.removeprefix("tcp:"))
 
     async def open(self) -> tuple[asyncio.Transport, LinkProtocol]:
