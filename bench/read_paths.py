@@ -12,8 +12,12 @@ UART on uvloop and reports the receiving process's CPU (user + system, from
   serialmuxd did before: bytes object, then a copy into the mapping);
 - ``buffered-ring``: reads straight into the ring log's mapping
   (``RingLog.writable``/``commit``, each UART's transport reading for itself);
+- ``mux-noop``: ``ReadMux`` into one reused buffer per UART (the mux's floor);
 - ``mux-ring``: the same reads into the ring, through serialmuxd's ``ReadMux`` (one
-  epoll set for all UARTs, at most 256 read per loop pass: what serialmuxd does now).
+  epoll set for all UARTs, at most 256 read per loop pass: what serialmuxd does now);
+- ``mux-ring-warm``: ``mux-ring`` with every page of each ring written once before
+  the window, so no read lands on a page the process has not touched yet: what the
+  first pass through a new ring costs in page faults.
 
 With ``--api`` each receiver also serves HTTP on 127.0.0.1 (aiohttp, one tiny
 handler) on the same loop, and this script times 15 requests to it during the
@@ -47,7 +51,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("protocol-noop", "buffered-noop", "protocol-ring", "buffered-ring", "mux-ring")
+VARIANTS = (
+    "protocol-noop",
+    "buffered-noop",
+    "protocol-ring",
+    "buffered-ring",
+    "mux-noop",
+    "mux-ring",
+    "mux-ring-warm",
+)
 API_REQUESTS = 15
 
 
@@ -74,6 +86,20 @@ def measure(
 
         def on_state(self, up: bool, reason: str) -> None:
             return
+
+    class NoopSink(RingSink):
+        def __init__(self) -> None:
+            buf = memoryview(bytearray(65536))
+            self.get_buffer = lambda sizehint: buf
+
+        def buffer_updated(self, nbytes: int) -> None:
+            return
+
+    def warm(ring: RingLog) -> None:
+        # Every page of the ring written once, then the log rewound: no first-touch faults.
+        for _ in range(ring.capacity // 4096):
+            ring.writable(-1)[:4096] = bytes(4096)
+            ring.commit(4096)
 
     class ProtocolNoop(asyncio.Protocol):
         def data_received(self, data: bytes) -> None:
@@ -121,14 +147,19 @@ def measure(
         socks: list[socket.socket] = []
         for i in range(n):
             path = str(sockdir / f"uart-{i:04d}.sock")
-            if variant == "mux-ring":
-                ring = RingLog.open(ring_dir / f"c{i}.ring", 1 << 20)
-                rings.append(ring)
+            if variant.startswith("mux-"):
+                sink: RingSink | NoopSink = NoopSink()
+                if variant != "mux-noop":
+                    ring = RingLog.open(ring_dir / f"c{i}.ring", 1 << 20)
+                    if variant == "mux-ring-warm":
+                        warm(ring)
+                    rings.append(ring)
+                    sink = RingSink(ring)
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.connect(path)
                 sock.setblocking(False)
                 socks.append(sock)
-                mux.add(sock.fileno(), RingSink(ring), lambda exc: None)
+                mux.add(sock.fileno(), sink, lambda exc: None)
                 continue
             factory: Callable[[], asyncio.BaseProtocol]
             if variant.endswith("-ring"):
