@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from tests.conftest import DaemonFactory, url_of, wait_for
 from tests.test_sessions import recv_json
@@ -95,8 +96,13 @@ async def test_stuck_interactive_client_holds_the_uart_once_then_is_dropped(
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     )
     c = d.consoles["f"]
-    await wait_for(lambda: c.counters.drops.get("too_slow", 0) == 1, 10, "stuck client dropped")
+    with capture_logs() as logs:
+        await wait_for(lambda: c.counters.drops.get("too_slow", 0) == 1, 10, "stuck client dropped")
     assert c.counters.holds >= 1
+    # The warning says why, so an operator can tell a stuck client from a slow one.
+    (slow,) = [e for e in logs if e["event"] == "session_too_slow"]
+    assert slow["console"] == "f" and slow["buffer"] == 65536 and slow["flow_hold_ms"] == 300
+    assert slow["backlog"] > 65536 // 4 and slow["drained_in_hold"] < 65536 // 4
     after = c.ring.next
     await wait_for(lambda: c.ring.next > after + (1 << 20), 10, "UART read again after the drop")
     stuck.close()

@@ -473,19 +473,30 @@ class Console:
             return
         self._hold_released()
         if session is self._active:
-            self.drop_too_slow(session)
+            # drained_in_hold 0 with a backlog over the buffer: the client took
+            # nothing for flow_hold_ms (stuck, or stalled that long).
+            self.drop_too_slow(
+                session, drained_in_hold=before - now, flow_hold_ms=self.cfg.settings.flow_hold_ms
+            )
 
-    def drop_too_slow(self, session: Session) -> None:
+    def drop_too_slow(self, session: Session, **why: int) -> None:
+        """Close a session over its buffer; the log line says by how much, so an
+        operator can tell a stuck client from a flood that outran a live one."""
         self.drop(
             session,
             EndReason.TOO_SLOW,
             "your connection could not keep up with the console output; reconnect to resume",
+            backlog=session.backlog(),
+            buffer=self.cfg.settings.client_buffer_bytes,
+            **why,
         )
 
-    def drop(self, session: Session, reason: EndReason, message: str) -> None:
+    def drop(self, session: Session, reason: EndReason, message: str, **why: int) -> None:
         """End a session the server gave up on (too slow, unresponsive): counted and logged."""
         self.counters.drop(reason.label)
-        self._log.warning(f"session_{reason.label}", session=session.id, user=session.user, peer=session.peer)
+        self._log.warning(
+            f"session_{reason.label}", session=session.id, user=session.user, peer=session.peer, **why
+        )
         session.end(Ending(reason, message=message))
         self.detach(session, reason)
 
