@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import DaemonFactory, url_of, wait_for
 from tests.guest import GuestFactory
-from tests.test_sessions import recv_json, recv_until
+from tests.test_sessions import attached, recv_json, recv_until
 from tests.uart import UartServer
 
 
@@ -29,11 +29,7 @@ async def test_tty_backend_on_a_real_pty_pair(make_daemon: DaemonFactory) -> Non
         banner = b"U-Boot 2024.01\r\n=> "
         os.write(master, banner)
         await wait_for(lambda: d.consoles["board"].ring.next == len(banner), what="pty output logged")
-        async with (
-            aiohttp.ClientSession() as s,
-            s.ws_connect(url_of(d) + "/api/v1/consoles/board/session") as ws,
-        ):
-            await recv_json(ws, "hello")
+        async with attached(d, "board") as ws:
             assert b"=> " in await recv_until(ws, b"=> ")
             await ws.send_bytes(b"printenv\r")
             loop = asyncio.get_running_loop()
@@ -56,8 +52,7 @@ async def test_tty_backend_on_qemu_serial_pty(make_daemon: DaemonFactory, qemu_g
     vm = qemu_guest(serial="pty", qmp=False)
     assert vm.pty_path
     d = await make_daemon([{"name": "vm1", "uart": vm.pty_path}])
-    async with aiohttp.ClientSession() as s, s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session") as ws:
-        await recv_json(ws, "hello")
+    async with attached(d, "vm1") as ws:
         async with asyncio.timeout(60):
             while True:
                 await ws.send_bytes(b"\r")
@@ -140,11 +135,7 @@ async def test_tcp_serial_server_console_logs_takes_keys_and_reconnects(make_dae
         d = await make_daemon([{"name": "bmc", "uart": f"tcp:127.0.0.1:{port}"}])
         console = d.consoles["bmc"]
         await wait_for(lambda: console.ring.next == 18, what="banner logged")
-        async with (
-            aiohttp.ClientSession() as s,
-            s.ws_connect(url_of(d) + "/api/v1/consoles/bmc/session") as ws,
-        ):
-            await recv_json(ws, "hello")
+        async with attached(d, "bmc") as ws:
             assert b"serial ready" in await recv_until(ws, b"ready\r\n")
             await ws.send_bytes(b"help\r")
             await wait_for(lambda: bytes(received).endswith(b"help\r"), what="keystrokes reach the server")

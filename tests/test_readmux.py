@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from serialmuxd.backends.readmux import ReadMux
+from serialmuxd.backends.base import BackendSink
+from serialmuxd.backends.readmux import OnClosed, Reader, ReadMux
 from tests.conftest import DaemonFactory, wait_for
 from tests.uart import UartServer
 
@@ -81,13 +82,23 @@ def pair(made: list[tuple[socket.socket, socket.socket]]) -> tuple[socket.socket
     return uart, ours
 
 
+def wired(
+    mux: ReadMux,
+    made: list[tuple[socket.socket, socket.socket]],
+    sink: BackendSink,
+    on_closed: OnClosed = lambda exc: None,
+) -> tuple[socket.socket, Reader]:
+    """A new UART whose console end the mux reads into ``sink``: (the guest's end, the reader)."""
+    uart, ours = pair(made)
+    return uart, mux.add(ours.fileno(), sink, on_closed)
+
+
 async def test_output_reaches_the_sink_in_order(
     mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """What the guest prints lands in the console's buffer byte for byte, in order."""
-    uart, ours = pair(pairs)
     sink = Sink()
-    mux.add(ours.fileno(), sink, lambda exc: None)
+    uart, _ = wired(mux, pairs, sink)
     sent = b""
     for i in range(50):
         chunk = f"line {i}\r\n".encode()
@@ -106,9 +117,8 @@ async def test_one_pass_reads_at_most_budget_uarts_and_serves_all_in_turn(
     mux.budget = 2
     sinks = []
     for _ in range(5):
-        uart, ours = pair(pairs)
         sink = Sink()
-        mux.add(ours.fileno(), sink, lambda exc: None)
+        uart, _ = wired(mux, pairs, sink)
         uart.sendall(b"x")
         sinks.append(sink)
     # No await from here on: the loop cannot run a pass of its own in between.
@@ -125,10 +135,9 @@ async def test_eof_is_reported_once_and_the_reader_is_gone(
     mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """When the VM closes its end, the link hears of it once (and the last bytes are kept)."""
-    uart, ours = pair(pairs)
     sink = Sink()
     closed: list[OSError | None] = []
-    mux.add(ours.fileno(), sink, closed.append)
+    uart, _ = wired(mux, pairs, sink, closed.append)
     uart.sendall(b"goodbye\r\n")
     uart.close()
     await wait_for(lambda: closed == [None], what="EOF reported")
@@ -142,10 +151,9 @@ async def test_a_paused_uart_is_not_read_until_resumed(
     mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """Flow control: while paused the guest's output waits in the socket, hang-up included."""
-    uart, ours = pair(pairs)
     sink = Sink()
     closed: list[OSError | None] = []
-    reader = mux.add(ours.fileno(), sink, closed.append)
+    uart, reader = wired(mux, pairs, sink, closed.append)
     mux.pause(reader)
     uart.sendall(b"held")
     uart.shutdown(socket.SHUT_WR)
@@ -179,9 +187,8 @@ async def test_a_sink_without_a_buffer_gets_chunks(
     mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
 ) -> None:
     """A backend sink that only takes chunks (on_data) is served too."""
-    uart, ours = pair(pairs)
     sink = ChunkSink()
-    mux.add(ours.fileno(), sink, lambda exc: None)
+    uart, _ = wired(mux, pairs, sink)
     uart.sendall(b"abc")
     await wait_for(lambda: b"".join(sink.chunks) == b"abc", what="chunk delivered")
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+from collections.abc import AsyncIterator
 
 import aiohttp
 
@@ -29,6 +31,17 @@ async def recv_json(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: flo
                     return data  # type: ignore[no-any-return]
             elif msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED):
                 raise AssertionError(f"closed ({msg.data}) before a {kind} frame")
+
+
+@contextlib.asynccontextmanager
+async def attached(d: Daemon, console: str) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    """An interactive WebSocket session on ``console``, past its hello frame."""
+    async with (
+        aiohttp.ClientSession() as s,
+        s.ws_connect(f"{url_of(d)}/api/v1/consoles/{console}/session") as ws,
+    ):
+        await recv_json(ws, "hello")
+        yield ws
 
 
 async def recv_until(ws: aiohttp.ClientWebSocketResponse, needle: bytes, timeout: float = 5) -> bytes:
