@@ -242,6 +242,30 @@ def test_file_ring_matches_model_across_reopen(
         log.close()
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_next_offset_on_disk_is_little_endian_on_any_host(
+    monkeypatch: pytest.MonkeyPatch, ring_dir: Path, byteorder: str
+) -> None:
+    """The header's next offset, stored after every chunk, is the file format's
+    little-endian u64 whatever the host's byte order, so a ring file moves between
+    hosts and a crash loses nothing on either kind."""
+    monkeypatch.setattr(ringlog.sys, "byteorder", byteorder)
+    path = ring_dir / "vm1.ring"
+    log = RingLog.open(path, 4096)
+    log.append(b"a" * 3000)
+    view = log.writable()
+    view[:300] = b"b" * 300
+    log.commit(300)
+    assert int.from_bytes(path.read_bytes()[64:72], "little") == 3300
+    del log, view  # a crash: no close, no flush
+    gc.collect()
+    monkeypatch.setattr(ringlog.sys, "byteorder", "little")
+    again = RingLog.open(path, 4096)
+    assert again.next == 3300
+    assert again.read(None)[1] == b"a" * 3000 + b"b" * 300
+    again.close()
+
+
 def test_close_is_idempotent_and_flush_is_harmless(ring_dir: Path) -> None:
     """Shutdown may flush and close more than once without errors."""
     log = RingLog.open(ring_dir / "a.ring", 100)

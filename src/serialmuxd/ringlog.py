@@ -71,6 +71,7 @@ import errno
 import mmap
 import os
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -304,11 +305,15 @@ class RingLog:
         # The data area as a writable view, sliced by writable() for reads
         # straight from a socket into the log.
         self._data = memoryview(mm)[DATA_START : DATA_START + capacity]
+        # The header's next-offset word, stored to after every chunk: one item
+        # assignment, where struct.pack_into exports and releases the whole
+        # mapping's buffer each time (commit() 173 -> 145 ns in a tight loop).
+        self._next_word = _word_at(mm, _NEXT_AT)
         #: the longest span writable() hands out: a quarter ring at most, so that a
         #: reader gathering output in the log for a quarter ring more (the console's
         #: coalescing) never has it overwritten by one read
         self.span_max = min(SPAN_MAX, capacity // 4) or 1
-        self._release = weakref.finalize(self, _release, self._data, mm)
+        self._release = weakref.finalize(self, _release, self._data, self._next_word, mm)
         self.path = path
         self.capacity = capacity
         self.error = error
@@ -582,7 +587,7 @@ class RingLog:
             # leaves the previous, consistent state.
             _NEXT_INDEX.pack_into(mm, _NEXT_AT, new, count + 1)
         else:
-            _NEXT.pack_into(self._mm, _NEXT_AT, new)
+            self._next_word[0] = new
         self._next = new
         return new
 
@@ -590,7 +595,12 @@ class RingLog:
         """A copy of everything from offset ``start`` (clamped to :attr:`first`) to :attr:`next`."""
         nxt = self._next
         cap = self.capacity
-        start = max(start, nxt - cap, self._base)
+        # Not max(): this runs once per client write, and the builtin costs more
+        # than the two comparisons.
+        if start < nxt - cap:
+            start = nxt - cap
+        if start < self._base:
+            start = self._base
         n = nxt - start
         if n <= 0:
             return b""
@@ -747,8 +757,32 @@ def _map_shared(fd: int, size: int) -> mmap.mmap:
     return mm
 
 
-def _release(data: memoryview, mm: mmap.mmap) -> None:
+class _PackedWord:
+    """A little-endian u64 in a mapping, for hosts where a native view would be big-endian."""
+
+    __slots__ = ("_at", "_mm")
+
+    def __init__(self, mm: mmap.mmap, at: int) -> None:
+        self._mm = mm
+        self._at = at
+
+    def __setitem__(self, index: int, value: int) -> None:
+        _NEXT.pack_into(self._mm, self._at, value)
+
+    def release(self) -> None:
+        return
+
+
+def _word_at(mm: mmap.mmap, at: int) -> memoryview | _PackedWord:
+    """A one-item writable view of the file's little-endian u64 at ``at``."""
+    if sys.byteorder == "little":
+        return memoryview(mm)[at : at + 8].cast("Q")
+    return _PackedWord(mm, at)
+
+
+def _release(data: memoryview, word: memoryview | _PackedWord, mm: mmap.mmap) -> None:
     data.release()
+    word.release()
     if not mm.closed:
         try:
             mm.close()
