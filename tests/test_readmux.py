@@ -169,18 +169,37 @@ async def test_a_stale_reader_does_not_unhook_the_link_that_reuses_its_descripto
 ) -> None:
     """A link's late clean-up must not stop reading the next link given the same fd number."""
     _uart, ours = pair(pairs)
-    old = mux.add(ours.fileno(), Sink(), lambda exc: None)
-    fd = ours.fileno()
     uart2, other = pair(pairs)
-    ours.close()  # the number is free again (epoll forgot the file by itself)...
-    ours2 = other.dup()  # ...and the next link's socket gets it: dup takes the lowest free
-    pairs.append((uart2, ours2))
-    assert ours2.fileno() == fd
+    old = mux.add(ours.fileno(), Sink(), lambda exc: None)
+    mux.remove(old)  # closes the mux's duplicate: its number is free again...
     sink2 = Sink()
-    mux.add(ours2.fileno(), sink2, lambda exc: None)
-    mux.remove(old)  # the old link's clean-up, late
+    new = mux.add(other.fileno(), sink2, lambda exc: None)
+    assert new.fd == old.fd  # ...and the next link's duplicate gets it (lowest free)
+    mux.remove(old)  # the old link's clean-up, late and twice
     uart2.sendall(b"still read")
     await wait_for(lambda: bytes(sink2.got) == b"still read", what="new link read")
+
+
+async def test_the_vm_sees_the_link_close_once_its_owner_closes_it(
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    """The mux reads its own duplicate of the link's descriptor; removing the reader
+    (or closing the mux) closes it, so when the link closes its socket the VM sees
+    the hang-up at once and can take the next connection.  Until then the link can
+    still write keystrokes."""
+    for how in ("remove", "close"):
+        uart, ours = pair(pairs)
+        reader = mux.add(ours.fileno(), Sink(), lambda exc: None)
+        assert reader.fd != ours.fileno()
+        if how == "remove":
+            mux.remove(reader)
+        else:
+            mux.close()
+        ours.sendall(b"key")
+        assert uart.recv(16) == b"key"
+        ours.close()
+        uart.settimeout(2)
+        assert uart.recv(16) == b"", how
 
 
 async def test_a_sink_without_a_buffer_gets_chunks(
