@@ -48,7 +48,7 @@ from serialmuxd.watch import DirWatcher
 log = structlog.get_logger("serialmuxd.daemon")
 
 HOUSEKEEPING_S = 1.0
-FDS_PER_CONSOLE = 5  # UART (and the reader's duplicate), local listener, QMP, one client
+FDS_PER_CONSOLE = 4  # UART, local listener, QMP, one client
 FDS_SPARE = 4096
 FLUSH_EVERY_S = 30.0
 
@@ -278,9 +278,8 @@ class Daemon:
         self._lock_fd = fd
 
     def _raise_fd_limit(self, consoles: int) -> None:
-        """Make room for ~5 descriptors per console (UART and the ReadMux's duplicate
-        of it, local listener, QMP, a client; rings keep none open), as nginx's
-        worker_rlimit_nofile does.
+        """Make room for ~4 descriptors per console (UART, local listener, QMP, a
+        client; rings keep none open), as nginx's worker_rlimit_nofile does.
 
         The soft limit goes up to the hard one; with CAP_SYS_RESOURCE (root) the
         hard one too.  Short of that, say how many are needed: running out

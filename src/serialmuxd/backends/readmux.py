@@ -19,20 +19,20 @@ for writing keystrokes, flow control and closing, which is well-tested code.
 Linux only (``select.epoll``); elsewhere :meth:`ReadMux.create` returns None
 and links read through their transports.
 
-The mux reads through a socket object on its own duplicate of the link's
-descriptor: ``recv_into`` goes straight to the socket, where ``os.readv`` on
-the link's number took the file-system path (``vfs_readv``: an iovec copied
-in, permission hooks).  At 1,000 consoles the daemon used 1.2-6.6 points of a
-core less in 6 interleaved pairs of runs (median 2.5, ~7%; bench/RESULTS.md).  Owning the duplicate also means a
-late clean-up can never touch a descriptor number that now belongs to
-someone else; :meth:`ReadMux.remove` closes it.
+The mux reads through a socket object of its own over the link's descriptor:
+``recv_into`` goes straight to the socket, where ``os.readv`` took the
+file-system path (``vfs_readv``: an iovec copied in, permission hooks).  At
+1,000 consoles the daemon used 1.2-6.6 points of a core less in 6 interleaved
+pairs of runs (median 2.5, ~7%; bench/RESULTS.md).  The object borrows the
+number rather than a duplicate, which would cost a descriptor per console (at
+5,000 consoles, past a 20,000 limit), so it must never close it: see
+:class:`_BorrowedSocket`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import select
 import socket
 from collections.abc import Callable
@@ -64,12 +64,27 @@ class _CopyingSink:
         self._on_data(bytes(self._view[:nbytes]))
 
 
+class _BorrowedSocket(socket.socket):
+    """A socket object over a descriptor the link owns: it never closes it.
+
+    A plain socket object closes its descriptor when it is collected, and a
+    reader dropped on any path (a late clean-up, a cycle) would then close a
+    number that may by now be another link's.  Overriding ``__del__`` replaces
+    that finalizer, so the number is only ever closed by its owner.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
 class Reader:
     """One link's registration: its own socket object, and what a pass calls for it."""
 
     __slots__ = ("buffer_updated", "fd", "get_buffer", "on_closed", "paused", "recv_into", "sock")
 
-    def __init__(self, sock: socket.socket, sink: BackendSink, on_closed: OnClosed) -> None:
+    def __init__(self, sock: _BorrowedSocket, sink: BackendSink, on_closed: OnClosed) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.recv_into = sock.recv_into
@@ -107,39 +122,38 @@ class ReadMux:
     def add(self, fd: int, sink: BackendSink, on_closed: OnClosed) -> Reader:
         """Read socket ``fd`` (non-blocking) into ``sink`` from the next pass on, until removed.
 
-        The mux reads a duplicate of ``fd`` and closes it on :meth:`remove`; the
-        caller keeps ``fd`` for writing.  ``on_closed`` runs once, after the reader
-        is removed, when a read finds EOF or fails: the owner closes the link then.
+        ``fd`` stays the caller's: it writes on it and closes it, after :meth:`remove`.
+        ``on_closed`` runs once, after the reader is removed, when a read finds EOF
+        or fails: the owner closes the link then.
         """
         if self._ep is None:
             self._ep = select.epoll()
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self._ep.fileno(), self._pass)
-        dup = os.dup(fd)
+        # Non-blocking already: it is the link's socket.
+        reader = Reader(_BorrowedSocket(fileno=fd), sink, on_closed)
         try:
-            # Non-blocking already: the flag belongs to the open file both numbers share.
-            sock = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            raise
-        reader = Reader(sock, sink, on_closed)
-        self._ep.register(reader.fd, select.EPOLLIN)
-        self._readers[reader.fd] = reader
+            self._ep.register(fd, select.EPOLLIN)
+        except FileExistsError:
+            # The number's previous link was closed with its file still open
+            # elsewhere, so epoll kept it: this registration now means the new link.
+            self._ep.modify(fd, select.EPOLLIN)
+        self._readers[fd] = reader
         return reader
 
     def remove(self, reader: Reader) -> None:
-        """Stop reading and close the mux's duplicate (idempotent).
+        """Stop reading (idempotent); call before the descriptor is closed.
 
-        Keyed by the reader, not the number: once closed, the number can go to a
-        new link's duplicate, and the old link's late clean-up must not drop it.
+        Keyed by the reader, not the number: after a close, a new link can get the
+        same descriptor number, and the old link's late cleanup must not drop it.
         """
         if self._readers.get(reader.fd) is not reader:
             return
         del self._readers[reader.fd]
         if self._ep is not None and not reader.paused:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # already closed: epoll dropped it itself
                 self._ep.unregister(reader.fd)
-        reader.sock.close()
+        reader.sock.detach()
 
     def pause(self, reader: Reader) -> None:
         """Leave ``reader`` unread until :meth:`resume` (flow control: the guest waits).
@@ -193,7 +207,7 @@ class ReadMux:
     def close(self) -> None:
         """Stop reading everything (shutdown); the links' own descriptors are left to their owners."""
         for reader in self._readers.values():
-            reader.sock.close()
+            reader.sock.detach()
         self._readers.clear()
         if self._ep is not None:
             if self._loop is not None and not self._loop.is_closed():
