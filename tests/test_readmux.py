@@ -26,8 +26,8 @@ from tests.uart import UartServer
 class Sink:
     """A BufferedSink that keeps what it was given (the console's role)."""
 
-    def __init__(self) -> None:
-        self.buf = memoryview(bytearray(4096))
+    def __init__(self, size: int = 4096) -> None:
+        self.buf = memoryview(bytearray(size))
         self.got = bytearray()
         self.reads = 0
         self.states: list[tuple[bool, str]] = []
@@ -146,6 +146,25 @@ async def test_eof_is_reported_once_and_the_reader_is_gone(
     assert len(mux) == 0
     await asyncio.sleep(0.05)
     assert closed == [None]
+
+
+async def test_a_backlog_larger_than_one_read_is_read_to_the_end_with_nothing_new_arriving(
+    mux: ReadMux, pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    """What one read leaves in the socket (the view at the ring's end can be small)
+    is read by the next passes though the guest prints nothing more, and the
+    hang-up after the last bytes is reported once they are in."""
+    sink = Sink(size=16)
+    closed: list[OSError | None] = []
+    uart, _ = wired(mux, pairs, sink, closed.append)
+    sent = bytes(range(256)) * 4
+    uart.sendall(sent)
+    await wait_for(lambda: bytes(sink.got) == sent, what="the whole backlog read")
+    assert sink.reads == len(sent) // 16
+    uart.sendall(b"last words, longer than one read")
+    uart.close()
+    await wait_for(lambda: closed == [None], what="EOF reported after the last bytes")
+    assert bytes(sink.got) == sent + b"last words, longer than one read"
 
 
 async def test_a_paused_uart_is_not_read_until_resumed(

@@ -357,3 +357,46 @@ async def test_http_connections_probe_a_vanished_peer_within_a_minute(
         r.close()
     timers = [int(t) for t in re.findall(r"timer:\(keepalive,(\d+)(?:\.\d+)?sec", out.stdout)]
     assert timers and all(0 < t <= 30 for t in timers), out.stdout
+
+
+async def test_local_client_that_pauses_then_reads_gets_every_byte_in_order(
+    make_daemon: DaemonFactory, uarts: tuple[UartServer, UartServer], tmp_path: Path
+) -> None:
+    """A local client that stops reading for a while (within its buffer bound) and
+    then reads again gets all the output, in order, none twice: what the socket
+    could not take waits in the session's buffer, and nothing overtakes it."""
+    one, _ = uarts
+    d = await make_daemon(
+        [{"name": "vm1", "uart": f"unix:{one.path}"}],
+        defaults={"client_buffer_bytes": 8 << 20, "ring_bytes": 1 << 24},
+        daemon={"unix_listen_dir": str(tmp_path / "run")},
+    )
+    await asyncio.wait_for(one.connected.wait(), 10)
+    reader, writer = await asyncio.open_unix_connection(str(tmp_path / "run" / "vm1.sock"))
+    try:
+        await wait_for(lambda: d.consoles["vm1"].active is not None, what="local session attached")
+        lines = [f"{i:07d}\n".encode() for i in range(200_000)]
+        # Paused client: ~1.6 MB, more than the socket holds, printed in ragged pieces.
+        for i in range(0, 150_000, 1500):
+            await one.print(b"".join(lines[i : i + 1500]))
+        await wait_for(
+            lambda: d.consoles["vm1"].active is not None and d.consoles["vm1"].active.backlog() > 0,
+            what="output waiting in the session's buffer",
+        )
+        got = bytearray()
+        want = b"".join(lines)
+
+        async def read_all() -> None:
+            while len(got) < len(want):
+                got.extend(await reader.read(1 << 16))
+
+        reading = asyncio.create_task(read_all())
+        # Printed while the backlog drains, then after it: both paths, one stream.
+        for i in range(150_000, 200_000, 500):
+            await one.print(b"".join(lines[i : i + 500]))
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(reading, 20)
+        assert bytes(got) == want
+        assert drops(d, "vm1", "too_slow") == 0
+    finally:
+        writer.close()
