@@ -381,3 +381,118 @@ def test_empty_log_offset_at_is_next() -> None:
     """Asking a log that never received a byte for any time gives its next offset."""
     log = RingLog.memory(10)
     assert log.offset_at(0.0) == log.offset_at(4e9) == 0
+
+
+# --- reads straight into the log (recv_from) and the watermark ----------------------
+
+
+def recv_store(log: RingLog, data: bytes) -> int:
+    """Store ``data`` with ``recv_from``, read by read, as the UART reader does."""
+    rest = memoryview(data)
+    while rest:
+
+        def recv_into(view: memoryview, rest: memoryview = rest) -> int:
+            k = min(len(view), len(rest))
+            view[:k] = rest[:k]
+            return k
+
+        rest = rest[log.recv_from(recv_into) :]
+    return log.next
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=300), st.lists(st.binary(min_size=1, max_size=200), max_size=30))
+def test_reads_straight_into_the_log_store_what_appends_store(capacity: int, chunks: list[bytes]) -> None:
+    """A chunk read into the log with recv_from is kept exactly as an append keeps it:
+    same bytes, same offsets, across wraps."""
+    by_append, by_read = RingLog.memory(capacity), RingLog.memory(capacity)
+    for chunk in chunks:
+        by_append.append(chunk)
+        recv_store(by_read, chunk)
+        assert by_read.next == by_append.next
+        assert by_read.read(None) == by_append.read(None)
+
+
+def test_a_failed_or_empty_read_stores_nothing() -> None:
+    """recv_from passes the socket's error on and an end of file stores nothing:
+    the log and its watermark are untouched."""
+    log = RingLog.memory(64)
+    log.append(b"kept")
+    calls: list[int] = []
+    log.on_watermark = calls.append
+    log.watermark = log.next + 1
+
+    def would_block(view: memoryview) -> int:
+        raise BlockingIOError
+
+    with pytest.raises(BlockingIOError):
+        log.recv_from(would_block)
+    assert log.recv_from(lambda view: 0) == 0
+    assert log.next == 4 and log.read(None)[1] == b"kept" and calls == []
+
+
+def test_the_watermark_calls_back_once_reached_whatever_stores_the_bytes() -> None:
+    """The owner is called with the new next offset by the store that reaches the
+    mark (append, commit or recv_from) and by every store after it, until it moves
+    the mark; never before, and never with the mark at NEVER."""
+    log = RingLog.memory(1024)
+    calls: list[int] = []
+    log.on_watermark = calls.append
+    log.watermark = 10
+    log.append(b"a" * 5)
+    recv_store(log, b"b" * 4)
+    assert calls == []
+    log.append(b"c")
+    assert calls == [10]
+    recv_store(log, b"d")
+    assert calls == [10, 11]
+    log.watermark = ringlog.NEVER
+    log.append(b"e" * 100)
+    assert calls == [10, 11]
+    log.watermark = log.next + 1
+    log.writable()[:3] = b"xyz"
+    log.commit(3)
+    assert calls == [10, 11, 114]
+
+
+def test_a_read_straight_into_the_file_survives_a_crash(ring_dir: Path) -> None:
+    """A socket read into the mapped file with recv_from is on disk with its offset
+    when the process dies right after it (no close, no flush)."""
+    import socket
+
+    path = ring_dir / "vm1.ring"
+    log = RingLog.open(path, 4096)
+    a, b = socket.socketpair()
+    try:
+        b.sendall(b"login: ")
+        assert log.recv_from(a.recv_into) == 7
+        b.sendall(b"root\r\n" * 1000)  # more than span_max: several reads, one wrap
+        a.setblocking(False)
+        while True:
+            try:
+                log.recv_from(a.recv_into)
+            except BlockingIOError:
+                break
+        assert log.next == 7 + 6000
+        reopened = RingLog.open(path, 4096)  # as a restarted daemon would, the first still open
+        assert reopened.next == log.next
+        assert reopened.read(None) == log.read(None)
+        reopened.close()
+    finally:
+        a.close()
+        b.close()
+        log.close()
+
+
+def test_offset_at_never_skips_output_read_straight_into_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The time index is kept by recv_from as by append: ``since=`` finds a read's bytes."""
+    clock = FakeClock(T0)
+    monkeypatch.setattr(ringlog, "_now", clock)
+    log = RingLog.memory(1 << 16)
+    for _ in range(5):
+        clock.now += 2 * SEC
+        recv_store(log, b"0123456789")
+    assert len(log._index()) == 5
+    assert log.offset_at((T0 + 5 * SEC) / SEC) == 20
+    assert log.offset_at((T0 + 6 * SEC) / SEC) == 20
+    assert log.offset_at((T0 + 7 * SEC) / SEC) == 30

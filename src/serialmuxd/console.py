@@ -4,16 +4,23 @@ Data flows one way: backend → console → (ring log, active session, watchers)
 Keystrokes flow back only from the active session: session → console →
 backend.  Nothing else touches a backend or a ring log directly.
 
-The hot path is :meth:`Console.buffer_updated`: a socket backend reads the
-UART straight into the ring log's file mapping (:meth:`Console.get_buffer`),
-so a chunk costs one read and two short calls, with no bytes object and no
-copy.  Attached clients get one non-blocking ``deliver`` each — per chunk
-while the console is quiet, per ``coalesce_ms`` while it prints continuously
-(the output of one window stays in the ring and goes out as one slice, so a
-console streaming at line rate costs one write per client per window instead
-of one per chunk read).  Counters are plain integers or ring offsets read at
-scrape time.  Backends that read into their own buffers hand chunks to
-:meth:`Console.on_data`, which appends them and takes the same path.
+The hot path is :attr:`Console.receive`: the UART reader reads each chunk
+straight into the ring log's file mapping with the ring's own ``recv_from``,
+one call a chunk, with no bytes object and no copy.  The console is not called
+per chunk: it sets the ring's watermark to the next offset at which it has
+something to do, and the ring calls :meth:`Console._reached` then.  That is
+the next byte while clients are attached and output is not being gathered, the
+end of a full gathering window while it is, and never while nobody is attached
+(a console nobody watches costs the read and the ring's bookkeeping only).
+Attached clients get one non-blocking ``deliver`` each: per chunk while the
+console is quiet, per ``coalesce_ms`` while it prints continuously (the output
+of one window stays in the ring and goes out as one slice, so a console
+streaming at line rate costs one write per client per window instead of one per
+chunk read).  Counters are plain integers or ring offsets read at scrape time.
+Backends that read with asyncio's buffered protocol use
+:meth:`Console.get_buffer` and :meth:`Console.buffer_updated`; those that read
+into their own buffers hand chunks to :meth:`Console.on_data`.  Both end in
+the ring's ``commit``, which checks the same watermark.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import structlog
 from serialmuxd.backends.base import Backend
 from serialmuxd.config import ConsoleConfig
 from serialmuxd.errors import ActionUnsupported, BackendDown, SerialmuxdError
-from serialmuxd.ringlog import RingLog
+from serialmuxd.ringlog import NEVER, RingLog
 from serialmuxd.session import Ending, EndReason, Mode, Session
 
 log = structlog.get_logger("serialmuxd.console")
@@ -188,7 +195,15 @@ class Console:
         #: BufferedSink: where the backend reads the UART to, straight into the ring
         #: log (no copy).  The ring's own method, not a wrapper: it runs per chunk.
         self.get_buffer: Callable[[int], memoryview] = ring.writable
+        #: ReceivingSink: one read straight into the ring log, the UART reader's
+        #: call per chunk (the ring calls back at the watermark; see the module doc).
+        self.receive: Callable[[Callable[[memoryview], int]], int] = ring.recv_from
         self._typing_until = 0.0
+        # Where output not yet handled starts while clients are attached and
+        # nothing is being gathered: the watermark is the byte after it.
+        self._armed_from = ring.next
+        ring.on_watermark = self._reached
+        self._arm()
 
     @property
     def cfg(self) -> ConsoleConfig:
@@ -234,47 +249,63 @@ class Console:
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` of guest output were read into :meth:`get_buffer`'s view."""
-        end = self.ring.commit(nbytes)
-        start = self._out_from
-        if start is not None:
-            # Streaming: the window's timer sends what is gathered (the common
-            # case at line rate, so it is checked here rather than in _output).
-            if end - start >= self._coalesce_max:
-                self.flush_output()
-        elif self._active is not None or self._watchers:
-            self._output(end - nbytes, nbytes, None)
+        self.ring.commit(nbytes)
 
     def on_data(self, data: bytes) -> None:
         """Guest output from a backend that reads into its own buffers."""
-        n = len(data)
-        if n >= self._coalesce_max and self._out_from is not None:
+        if len(data) >= self._coalesce_max and self._out_from is not None:
             self.flush_output()  # what is gathered goes out before a big append can overwrite it
-        end = self.ring.append(data)
-        if self._active is not None or self._watchers:
-            self._output(end - n, n, data)
+        self.ring.append(data)
 
-    def _output(self, start: int, n: int, data: bytes | None) -> None:
-        """Send ``n`` bytes the ring holds from ``start`` to the clients, now or at the window's end.
+    def _arm(self) -> None:
+        """Set the ring's watermark to where this console next has work (see the module doc)."""
+        ring = self.ring
+        if self._out_from is not None:
+            ring.watermark = self._out_from + self._coalesce_max
+        elif self._active is not None or self._watchers:
+            self._armed_from = ring.next
+            ring.watermark = self._armed_from + 1
+        else:
+            ring.watermark = NEVER
+
+    def _reached(self, end: int) -> None:
+        """The ring's watermark: new output for the clients, or a full gathering window."""
+        try:
+            if self._out_from is not None:
+                self.flush_output()
+            else:
+                self._output(self._armed_from, end)
+                if self._out_from is None:  # sent (gathering set its own mark)
+                    self._arm()
+        except Exception:
+            # Runs inside the UART read: a bug here must not read as a UART error.
+            self._log.exception("output_failed")
+            self._arm()
+
+    def _output(self, start: int, end: int) -> None:
+        """Send the output the ring holds from ``start`` to ``end`` to the clients, now or at the window's end.
 
         Gathered output stays in the ring until it is sent (``_out_from``), so
         gathering costs nothing per chunk.  ``RingLog.span_max`` and ``_coalesce_max``
         (each at most a quarter ring) keep it from being overwritten meanwhile.
         """
-        if self._out_from is not None:
-            if start + n - self._out_from >= self._coalesce_max:
-                self.flush_output()
-            return
         window = self._window_s
         if window:
             now = time.monotonic()
-            if now - self._last_out < window and now > self._typing_until and n < self._coalesce_max:
-                # Clients were written to within this window: gather until it ends.
+            if (
+                now - self._last_out < window
+                and now > self._typing_until
+                and end - start < self._coalesce_max
+            ):
+                # Clients were written to within this window: gather until it ends,
+                # or until _coalesce_max bytes are (the mark _arm would set).
                 self._out_from = start
+                self.ring.watermark = start + self._coalesce_max
                 assert self._batcher is not None
                 self._batcher.schedule(self, window)
                 return
             self._last_out = now
-        self._fan_out(self.ring.since(start) if data is None else data)
+        self._fan_out(self.ring.since(start))
 
     def flush_output(self) -> None:
         """Deliver the output gathered in this window now (no-op when there is none).
@@ -289,7 +320,10 @@ class Console:
         self._out_from = None
         if self._window_s:
             self._last_out = time.monotonic()
-        self._fan_out(self.ring.since(start))
+        try:
+            self._fan_out(self.ring.since(start))
+        finally:
+            self._arm()
 
     def _fan_out(self, data: bytes) -> None:
         active = self._active
@@ -386,11 +420,13 @@ class Console:
         if session.mode is Mode.WATCH:
             self._seat.watch(session.id)
             self._watchers[session.id] = session
+            self._arm()  # live output from the end of the replay
             self._emit("watch", session, {})
             return start, replay
         previous_id = self._seat.sit(session.id)
         previous = self._active
         self._active = session
+        self._arm()
         self.counters.sessions += 1
         if previous is not None and previous_id == previous.id:
             self.counters.takeovers += 1
@@ -412,6 +448,7 @@ class Console:
         first, data, truncated = self.ring.read(start, None)
         self._seat.watch(session.id)
         self._watchers[session.id] = session
+        self._arm()
         self._emit("watch", session, {})
         return first, data, truncated
 
@@ -419,6 +456,7 @@ class Console:
         """Forget a session (idempotent); sends the detach sequence if it held the seat."""
         if self._watchers.pop(session.id, None) is not None:
             self._seat.leave(session.id)
+            self._arm()
             self._emit("detach", session, {"reason": reason.label})
             return
         if self._hold is not None and self._hold[0] is session:
@@ -426,6 +464,7 @@ class Console:
         if self._active is session:
             self._seat.leave(session.id)
             self._active = None
+            self._arm()
             self._emit("detach", session, {"reason": reason.label})
             self._send_detach_sequence()
 

@@ -9,6 +9,7 @@ returns while the daemon wants the console.
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 
@@ -35,6 +36,21 @@ class BufferedSink(BackendSink, Protocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last buffer.  Must not raise."""
+
+
+@runtime_checkable
+class ReceivingSink(BackendSink, Protocol):
+    """A sink that does each read itself, into its own storage, with the reader's call.
+
+    The console's is its ring log's ``recv_from``: one call a chunk where the
+    buffered pair takes three (backends/readmux.py prefers it).
+    """
+
+    def receive(self, recv_into: Callable[[memoryview], int]) -> int:
+        """Read once with ``recv_into`` (a socket's); the bytes read, 0 at end of file.
+
+        Raises what ``recv_into`` raises, having stored nothing.
+        """
 
 
 class Backend(abc.ABC):

@@ -12,7 +12,9 @@ one pass reads at most ``budget`` UARTs and returns, so the API's callbacks run
 between passes.  With the same load the API answered in 4-18 ms.  Epoll hands
 out level-triggered descriptors round-robin, so no UART starves.  Reads still
 go straight into the sink's buffer (the console's ring log), one read per ready
-UART per pass, as the transports did.
+UART per pass, as the transports did: a sink with ``receive`` (the console)
+does the read itself into its ring, and one with asyncio's ``get_buffer`` and
+``buffer_updated`` pair is read into the same way, through a small adapter.
 
 Only reading moves here.  Each link keeps its transport, with reading paused,
 for writing keystrokes, flow control and closing, which is well-tested code.
@@ -48,6 +50,10 @@ COPY_CHUNK = 64 * 1024
 OnClosed = Callable[[OSError | None], None]
 
 
+#: reads once with the given ``recv_into`` into the sink; returns the bytes read (0: EOF)
+Receive = Callable[[Callable[[memoryview], int]], int]
+
+
 class _CopyingSink:
     """A buffer for a sink that only takes chunks (``on_data``): read, then copy out."""
 
@@ -57,11 +63,25 @@ class _CopyingSink:
         self._on_data = on_data
         self._view = memoryview(bytearray(COPY_CHUNK))
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._view
+    def receive(self, recv_into: Callable[[memoryview], int]) -> int:
+        n = recv_into(self._view)
+        if n:
+            self._on_data(bytes(self._view[:n]))
+        return n
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self._on_data(bytes(self._view[:nbytes]))
+
+def _buffered_receive(
+    get_buffer: Callable[[int], memoryview], buffer_updated: Callable[[int], None]
+) -> Receive:
+    """``receive`` for a sink with asyncio's buffered-protocol pair."""
+
+    def receive(recv_into: Callable[[memoryview], int]) -> int:
+        n = recv_into(get_buffer(-1))
+        if n:
+            buffer_updated(n)
+        return n
+
+    return receive
 
 
 class _BorrowedSocket(socket.socket):
@@ -82,20 +102,23 @@ class _BorrowedSocket(socket.socket):
 class Reader:
     """One link's registration: its own socket object, and what a pass calls for it."""
 
-    __slots__ = ("buffer_updated", "fd", "get_buffer", "on_closed", "paused", "recv_into", "sock")
+    __slots__ = ("fd", "on_closed", "paused", "receive", "recv_into", "sock")
 
     def __init__(self, sock: _BorrowedSocket, sink: BackendSink, on_closed: OnClosed) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.recv_into = sock.recv_into
-        get_buffer = getattr(sink, "get_buffer", None)
-        buffer_updated = getattr(sink, "buffer_updated", None)
-        if get_buffer is None or buffer_updated is None:
-            copying = _CopyingSink(sink.on_data)
-            get_buffer, buffer_updated = copying.get_buffer, copying.buffer_updated
-        # Bound methods looked up once: a pass calls them per UART.
-        self.get_buffer: Callable[[int], memoryview] = get_buffer
-        self.buffer_updated: Callable[[int], None] = buffer_updated
+        # Looked up once: a pass calls it per UART.  The console's is its ring
+        # log's recv_from, one Python call per chunk (see console.py).
+        receive: Receive | None = getattr(sink, "receive", None)
+        if receive is None:
+            get_buffer = getattr(sink, "get_buffer", None)
+            buffer_updated = getattr(sink, "buffer_updated", None)
+            if get_buffer is not None and buffer_updated is not None:
+                receive = _buffered_receive(get_buffer, buffer_updated)
+            else:
+                receive = _CopyingSink(sink.on_data).receive
+        self.receive = receive
         self.on_closed = on_closed
         self.paused = False
 
@@ -187,16 +210,17 @@ class ReadMux:
             reader = readers.get(fd)
             if reader is None:
                 continue
+            # Attribute, then call: ``reader.receive(...)`` on a slot is a method
+            # lookup CPython 3.11 does not specialise, and this runs per chunk.
+            receive = reader.receive
             try:
-                n = reader.recv_into(reader.get_buffer(-1))
+                n = receive(reader.recv_into)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as e:
                 self._closed(reader, e)
                 continue
-            if n:
-                reader.buffer_updated(n)
-            else:
+            if not n:
                 self._closed(reader, None)
 
     def _closed(self, reader: Reader, exc: OSError | None) -> None:
