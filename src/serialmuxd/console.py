@@ -194,16 +194,16 @@ class Console:
         self._coalesce_max = min(COALESCE_MAX, ring.capacity // 4) or 1
         #: BufferedSink: where the backend reads the UART to, straight into the ring
         #: log (no copy).  The ring's own method, not a wrapper: it runs per chunk.
-        self.get_buffer: Callable[[int], memoryview] = ring.writable
         #: ReceivingSink: one read straight into the ring log, the UART reader's
         #: call per chunk (the ring calls back at the watermark; see the module doc).
         self.receive: Callable[[Callable[[memoryview], int]], int] = ring.recv_from
         self._typing_until = 0.0
-        # Where output not yet handled starts while clients are attached and
-        # nothing is being gathered: the watermark is the byte after it.
-        self._armed_from = ring.next
         ring.on_watermark = self._reached
         self._arm()
+        # Keep the attributes set here under 30: CPython 3.11 keeps up to 30 of an
+        # instance's attribute values inline; past that every console carries a
+        # full dict, ~1.3 KiB more each (measured at 1,000 consoles, see
+        # tests/test_console_output.py).
 
     @property
     def cfg(self) -> ConsoleConfig:
@@ -247,6 +247,10 @@ class Console:
 
     # --- backend side (BackendSink) ----------------------------------------
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """BufferedSink: where a buffered protocol reads the next chunk (the ring log)."""
+        return self.ring.writable(sizehint)
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` of guest output were read into :meth:`get_buffer`'s view."""
         self.ring.commit(nbytes)
@@ -263,8 +267,8 @@ class Console:
         if self._out_from is not None:
             ring.watermark = self._out_from + self._coalesce_max
         elif self._active is not None or self._watchers:
-            self._armed_from = ring.next
-            ring.watermark = self._armed_from + 1
+            # The next byte; _reached takes the output from the mark less one.
+            ring.watermark = ring.next + 1
         else:
             ring.watermark = NEVER
 
@@ -274,7 +278,7 @@ class Console:
             if self._out_from is not None:
                 self.flush_output()
             else:
-                self._output(self._armed_from, end)
+                self._output(self.ring.watermark - 1, end)
                 if self._out_from is None:  # sent (gathering set its own mark)
                     self._arm()
         except Exception:
