@@ -604,8 +604,8 @@ class RingLog:
         :meth:`writable` and :meth:`commit` in one call, for a reader that runs
         once per chunk from every UART.  With the console's watermark (which
         takes the console's own call off the chunks that need nothing from it),
-        a chunk read for a console nobody watches cost ~12% less (~0.5 µs at
-        1,000 consoles, bench/RESULTS.md).  Whatever ``recv_into`` raises leaves
+        a chunk read for a console nobody watches costs ~8% less (~0.3 µs at
+        1,000 consoles, bench/chunk_path.py in bench/RESULTS.md).  Whatever ``recv_into`` raises leaves
         the log as it was; 0 (end of file) stores nothing.
         """
         nxt = self._next
