@@ -299,6 +299,14 @@ SEC = 1_000_000_000
 T0 = 1_800_000_000 * SEC
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """The ring's wall clock, steered by the test (starts at T0)."""
+    steered = FakeClock(T0)
+    monkeypatch.setattr(ringlog, "_now", steered)
+    return steered
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.integers(min_value=1, max_value=300),
@@ -363,10 +371,8 @@ def test_offset_at_survives_reopen_and_index_wrap(monkeypatch: pytest.MonkeyPatc
     log.close()
 
 
-def test_time_index_records_at_most_once_per_second(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_index_records_at_most_once_per_second(clock: FakeClock) -> None:
     """A flood of chunks within one second costs one index entry, not one per chunk."""
-    clock = FakeClock(T0)
-    monkeypatch.setattr(ringlog, "_now", clock)
     log = RingLog.memory(1 << 20)
     for i in range(1000):
         clock.now = T0 + i * 1000  # 1000 appends within a millisecond
@@ -484,10 +490,8 @@ def test_a_read_straight_into_the_file_survives_a_crash(ring_dir: Path) -> None:
         log.close()
 
 
-def test_offset_at_never_skips_output_read_straight_into_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offset_at_never_skips_output_read_straight_into_the_log(clock: FakeClock) -> None:
     """The time index is kept by recv_from as by append: ``since=`` finds a read's bytes."""
-    clock = FakeClock(T0)
-    monkeypatch.setattr(ringlog, "_now", clock)
     log = RingLog.memory(1 << 16)
     for _ in range(5):
         clock.now += 2 * SEC

@@ -612,6 +612,8 @@ class RingLog:
         pos = self._pos
         n = recv_into(self._data[pos : pos + self.span_max])
         if n:
+            # commit()'s body, inlined: this is the call per chunk, and the
+            # frame it saves is part of the measured gain (bench/RESULTS.md).
             new = nxt + n
             self._pos = new % self.capacity
             now = _now()
