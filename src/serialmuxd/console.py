@@ -192,15 +192,13 @@ class Console:
         # Gathered output never exceeds a quarter ring, nor does one read into the
         # ring (RingLog.span_max): what is pending is never overwritten.
         self._coalesce_max = min(COALESCE_MAX, ring.capacity // 4) or 1
-        #: BufferedSink: where the backend reads the UART to, straight into the ring
-        #: log (no copy).  The ring's own method, not a wrapper: it runs per chunk.
         #: ReceivingSink: one read straight into the ring log, the UART reader's
         #: call per chunk (the ring calls back at the watermark; see the module doc).
         self.receive: Callable[[Callable[[memoryview], int]], int] = ring.recv_from
         self._typing_until = 0.0
         ring.on_watermark = self._reached
         self._arm()
-        # Keep the attributes set here under 30: CPython 3.11 keeps up to 30 of an
+        # Keep the attributes set here under 30: CPython 3.11 keeps up to 29 of an
         # instance's attribute values inline; past that every console carries a
         # full dict, ~1.3 KiB more each (measured at 1,000 consoles, see
         # tests/test_console_output.py).
