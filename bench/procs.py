@@ -170,11 +170,17 @@ class Memory:
     pss_kib: int = 0
     pss_anon_kib: int = 0
     pss_file_kib: int = 0
+    # PSS of the mappings of files whose name ends with ``mapped_suffix``: for
+    # serialmuxd, its ring logs (every page the guest wrote, and nothing else, is
+    # resident in them).
+    pss_mapped_kib: int = 0
 
 
-def memory(roots: list[int]) -> Memory:
+def memory(roots: list[int], mapped_suffix: str = "") -> Memory:
     mem = Memory()
     for pid in descendants(roots):
+        if mapped_suffix:
+            mem.pss_mapped_kib += mapped_pss_kib(pid, mapped_suffix)
         try:
             text = Path(f"/proc/{pid}/smaps_rollup").read_text()
         except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -195,6 +201,24 @@ def memory(roots: list[int]) -> Memory:
             elif key == "Pss_File":
                 mem.pss_file_kib += kib
     return mem
+
+
+def mapped_pss_kib(pid: int, suffix: str) -> int:
+    """Summed PSS of a process's mappings of files named ``*suffix`` (from smaps)."""
+    total = 0
+    inside = False
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                first = line.split(maxsplit=6)
+                if "-" in first[0] and len(first) >= 5 and ":" in first[3]:
+                    # A mapping's header line: range perms offset dev inode [path]
+                    inside = len(first) == 6 and first[5].rstrip("\n").endswith(suffix)
+                elif inside and first[0] == "Pss:":
+                    total += int(first[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return 0
+    return total
 
 
 def listening_tcp_ports() -> set[int]:
