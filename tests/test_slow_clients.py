@@ -249,6 +249,43 @@ async def test_silent_websocket_client_dropped_by_heartbeat_and_counted(
     assert 'serialmuxd_session_drops_total{console="vm1",reason="unresponsive"} 1.0' in body
 
 
+async def test_quiet_websocket_client_that_answers_pings_is_kept(
+    make_daemon: DaemonFactory,
+    uarts: tuple[UartServer, UartServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that types nothing on a quiet console but answers the server's pings stays
+    attached for many heartbeat periods, and the server answers the client's own pings."""
+    monkeypatch.setattr(web, "WS_HEARTBEAT_S", 0.5)
+    d = await two_consoles(make_daemon, uarts, tmp_path)
+    async with (
+        aiohttp.ClientSession() as s,
+        s.ws_connect(url_of(d) + "/api/v1/consoles/vm1/session", autoping=False) as ws,
+    ):
+        await recv_json(ws, "hello")
+        pings = 0
+        deadline = time.monotonic() + 4.0  # eight heartbeat periods
+        while time.monotonic() < deadline:
+            try:
+                msg = await ws.receive(timeout=max(0.05, deadline - time.monotonic()))
+            except TimeoutError:
+                break
+            assert msg.type is not aiohttp.WSMsgType.CLOSE, msg
+            if msg.type is aiohttp.WSMsgType.PING:
+                pings += 1
+                await ws.pong(msg.data)
+        assert pings >= 3, f"the server pinged a silent client {pings} times in 4 s"
+        assert d.consoles["vm1"].active is not None and drops(d, "vm1", "unresponsive") == 0
+        await ws.ping(b"are-you-there")
+        while True:
+            msg = await ws.receive(timeout=5)
+            if msg.type is aiohttp.WSMsgType.PONG:
+                assert msg.data == b"are-you-there"
+                break
+            assert msg.type is aiohttp.WSMsgType.PING, msg
+
+
 async def test_many_stuck_clients_at_once_never_slow_the_uart(
     make_daemon: DaemonFactory, uarts: tuple[UartServer, UartServer], tmp_path: Path
 ) -> None:

@@ -467,8 +467,16 @@ class Daemon:
             for c in list(self.consoles.values()):
                 c.check_idle(now)
             for s in list(self.sessions):
-                if s.ending is None and s.connection_gone():
+                if s.ending is not None:
+                    continue
+                if s.connection_gone():
                     s.end(Ending(EndReason.CLIENT_LEFT))
+                elif not s.heartbeat(now):
+                    owner = self.consoles.get(s.console)
+                    if owner is not None:
+                        owner.drop(s, EndReason.UNRESPONSIVE, "no answer to pings")
+                    else:
+                        s.end(Ending(EndReason.UNRESPONSIVE, message="no answer to pings"))
             if now - last_flush >= FLUSH_EVERY_S:
                 last_flush = now
                 rings = [c.ring for c in self.consoles.values()]

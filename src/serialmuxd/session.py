@@ -104,6 +104,11 @@ class Session(abc.ABC):
         """True when the client hung up but nothing noticed yet (checked by housekeeping)."""
         return False
 
+    def heartbeat(self, now: float) -> bool:
+        """False once the client has left a liveness probe unanswered too long; may
+        send the probe (checked by housekeeping, ``now`` from ``time.monotonic``)."""
+        return True
+
     def end(self, ending: Ending) -> None:
         """Close once; later calls keep the first reason (it is the one the user sees)."""
         if self.ending is not None:

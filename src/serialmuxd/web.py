@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
 from aiohttp import WSMsgType, web
 
@@ -414,7 +415,9 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
         fail(409, "disabled", console.disabled_message())
     daemon = request.app[DAEMON]
     # aiohttp refuses a message of max_msg_size bytes itself: + 1 lets a 64 KiB frame in.
-    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE + 1, heartbeat=WS_HEARTBEAT_S, compress=False)
+    # No aiohttp heartbeat and no autoping: the session answers pings and sees
+    # pongs itself, and housekeeping pings the silent (WsSession.heartbeat).
+    ws = web.WebSocketResponse(max_msg_size=MAX_WS_MESSAGE + 1, autoping=False, compress=False)
     await ws.prepare(request)
     session = WsSession(
         ws,
@@ -423,6 +426,7 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
         peer=peer_of(request),
         mode=mode,
         bound=console.cfg.settings.client_buffer_bytes,
+        heartbeat_s=WS_HEARTBEAT_S,
     )
     try:
         start, replay = console.attach(session)
@@ -446,19 +450,38 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
     if replay:
         session.deliver(replay)
     del replay  # queued (copied): this frame lives as long as the session
-    # Plain calls, not the context managers (track_session, bound_contextvars):
-    # their suspended generator frames cost ~0.8 KiB per running session.
+    # Plain calls, not the context manager (track_session): its suspended
+    # generator frame costs ~0.8 KiB per running session.
     daemon.sessions.add(session)
-    tokens = structlog.contextvars.bind_contextvars(
-        console=console.name, session=session.id, user=principal.name, peer=session.peer
-    )
+    ctx = {"console": console.name, "session": session.id, "user": principal.name, "peer": session.peer}
     try:
-        log.info("session_started", mode=mode.value, replay_bytes=replay_n)
+        log.info("session_started", mode=mode.value, replay_bytes=replay_n, **ctx)
         try:
-            await _read_client(ws, session, console)
+            # One loop in this frame, not `async for` in a helper: every coroutine
+            # frame suspended here lives as long as the session.
+            while True:
+                msg = await ws.receive()
+                session.heard()
+                if msg.type is WSMsgType.CLOSE or msg.type is WSMsgType.CLOSING:
+                    break
+                if msg.type is WSMsgType.CLOSED or msg.type is WSMsgType.ERROR:
+                    break
+                if session.ending is not None:
+                    break
+                if msg.type is WSMsgType.PONG:
+                    continue
+                if session.over_bound:
+                    # Pings or bad frames from a client that never reads the answers.
+                    console.drop_too_slow(session)
+                    break
+                # The log context is bound while a frame is handled, not for the
+                # session's whole idle life (~0.5 KiB per session).
+                tokens = structlog.contextvars.bind_contextvars(**ctx)
+                try:
+                    await _client_frame(ws, msg, session, console)
+                finally:
+                    structlog.contextvars.reset_contextvars(**tokens)
         finally:
-            if session.ending is None and isinstance(ws.exception(), TimeoutError):
-                console.drop(session, EndReason.UNRESPONSIVE, "no answer to pings")
             session.end(Ending(EndReason.CLIENT_LEFT))
             console.detach(session, session.ending.reason if session.ending else EndReason.CLIENT_LEFT)
             # Ending the session started its pump, if it was not running, to say goodbye.
@@ -471,44 +494,33 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
                     pump.cancel()
                 with contextlib.suppress(asyncio.CancelledError, ConnectionError, RuntimeError):
                     await pump
-            # aiohttp re-arms the heartbeat when the client's close frame arrives after
-            # ours; its timers would keep the whole connection in memory for up to 45 s
-            # (a plateau of megabytes at 20 takeovers a second).
-            cancel_heartbeat = getattr(ws, "_cancel_heartbeat", None)
-            if callable(cancel_heartbeat):
-                cancel_heartbeat()
             ending = session.ending
-            log.info("session_ended", reason=ending.reason.label if ending else "client_left")
+            log.info("session_ended", reason=ending.reason.label if ending else "client_left", **ctx)
     finally:
-        structlog.contextvars.reset_contextvars(**tokens)
         daemon.sessions.discard(session)
     return ws
 
 
-async def _read_client(ws: web.WebSocketResponse, session: WsSession, console: Console) -> None:
-    async for msg in ws:
-        if session.ending is not None:
+async def _client_frame(
+    ws: web.WebSocketResponse, msg: aiohttp.WSMessage, session: WsSession, console: Console
+) -> None:
+    if msg.type is WSMsgType.BINARY:
+        if session.mode is Mode.WATCH:
+            session.control(
+                {
+                    "type": "error",
+                    "error": "read_only",
+                    "message": "this is a watch session: reconnect without mode=watch to type",
+                }
+            )
             return
-        if session.over_bound:
-            # Pings or bad frames from a client that never reads the answers.
-            console.drop_too_slow(session)
-            return
-        if msg.type is WSMsgType.BINARY:
-            if session.mode is Mode.WATCH:
-                session.control(
-                    {
-                        "type": "error",
-                        "error": "read_only",
-                        "message": "this is a watch session: reconnect without mode=watch to type",
-                    }
-                )
-                continue
-            console.write(session, msg.data)
-            await console.drain()
-        elif msg.type is WSMsgType.TEXT:
-            await _control(session, console, msg.data)
-        elif msg.type is WSMsgType.ERROR:
-            return
+        console.write(session, msg.data)
+        await console.drain()
+    elif msg.type is WSMsgType.TEXT:
+        await _control(session, console, msg.data)
+    elif msg.type is WSMsgType.PING:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.pong(msg.data)
 
 
 async def _control(session: WsSession, console: Console, text: str) -> None:

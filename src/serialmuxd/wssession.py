@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -16,6 +17,8 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 # While a console is held for this client, check every this often whether it drained.
 _DRAIN_POLL_S = 0.005
+# An unmasked, empty, final ping frame (RFC 6455 5.5.2).
+PING_FRAME = b"\x89\x00"
 
 
 def binary_frame_header(n: int) -> bytes:
@@ -39,6 +42,10 @@ class WsSession(QueuedSession):
     The pump is a task only while something is queued: a session streaming
     through the direct path carries no idle task (~1.2 KiB each, measured at
     1,000 sessions).  :attr:`sender` is the running one, if any.
+
+    Liveness is checked by the daemon's once-a-second housekeeping through
+    :meth:`heartbeat`, not by a timer per connection (aiohttp's ``heartbeat=``
+    keeps ~0.5 KiB of timer state per session, and re-arms it on every frame).
     """
 
     def __init__(
@@ -50,12 +57,35 @@ class WsSession(QueuedSession):
         peer: str,
         mode: Mode,
         bound: int,
+        heartbeat_s: float,
     ) -> None:
         super().__init__(console=console, user=user, peer=peer, mode=mode, bound=bound)
         self.ws = ws
         self._transport = _transport_of(ws)
         self._poll: asyncio.TimerHandle | None = None
         self.sender: asyncio.Task[None] | None = None
+        self._heartbeat_s = heartbeat_s
+        self._heard_at = time.monotonic()
+        self._pinged_at = 0.0  # 0: no ping unanswered
+
+    def heard(self) -> None:
+        """A frame came from the client (any frame: a pong, a keystroke, a close)."""
+        self._heard_at = time.monotonic()
+        self._pinged_at = 0.0
+
+    def heartbeat(self, now: float) -> bool:
+        """Ping a client silent for ``heartbeat_s``; False once it left the ping
+        unanswered for half that again (a vanished host, a half-open TCP)."""
+        if self._pinged_at:
+            return now - self._pinged_at < self._heartbeat_s / 2
+        if now - self._heard_at >= self._heartbeat_s:
+            t = self._transport
+            if t is not None and not t.is_closing():
+                # Frames are written whole (ours and aiohttp's), so a control
+                # frame may go between any two of them.
+                t.write(PING_FRAME)
+            self._pinged_at = now
+        return True
 
     def _notify(self) -> None:
         if self.sender is not None or self._finished:
