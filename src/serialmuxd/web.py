@@ -42,6 +42,9 @@ MAX_WS_MESSAGE = 64 * 1024
 # host, half-open TCP) and is dropped as ``unresponsive``.
 WS_HEARTBEAT_S = 30.0
 JSON_CT = "application/json"
+# What ws.receive() returns once the client closed, the connection broke or a
+# frame was bad (aiohttp has sent the close frame for the last).
+_CLIENT_GONE = frozenset({WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR})
 
 
 # --- errors ------------------------------------------------------------------
@@ -462,11 +465,7 @@ async def ws_session(request: web.Request) -> web.StreamResponse:
             while True:
                 msg = await ws.receive()
                 session.heard()
-                if msg.type is WSMsgType.CLOSE or msg.type is WSMsgType.CLOSING:
-                    break
-                if msg.type is WSMsgType.CLOSED or msg.type is WSMsgType.ERROR:
-                    break
-                if session.ending is not None:
+                if msg.type in _CLIENT_GONE or session.ending is not None:
                     break
                 if msg.type is WSMsgType.PONG:
                     continue
